@@ -28,16 +28,21 @@ def official_root() -> str:
     raise ImportError("the official Wan code is missing: pip install --no-deps wan22 (see requirements-test.txt)")
 
 
-def _stub_torchvision() -> None:
+def _import_with_torchvision_stub(name: str):
     """animate/clip.py imports torchvision.transforms at module level, for preprocessing we
-    do not use (tests feed tensors). torchvision cannot be installed beside the CPU torch."""
+    do not use (tests feed tensors); torchvision cannot be installed beside the CPU torch.
+    A stub stands in during that one import only (transformers probes for torchvision)."""
+    from transformers import AutoTokenizer  # noqa: F401  (resolve before the stub exists)
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return importlib.import_module(name)
+    tv = types.ModuleType("torchvision")
+    tv.transforms = types.ModuleType("torchvision.transforms")
+    sys.modules["torchvision"], sys.modules["torchvision.transforms"] = tv, tv.transforms
     try:
-        import torchvision.transforms  # noqa: F401
-    except Exception:
-        tv = types.ModuleType("torchvision")
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        sys.modules["torchvision"] = tv
-        sys.modules["torchvision.transforms"] = tv.transforms
+        return importlib.import_module(name)
+    finally:
+        del sys.modules["torchvision"], sys.modules["torchvision.transforms"]
 
 
 def load_official(module: str):
@@ -49,6 +54,15 @@ def load_official(module: str):
             pkg = types.ModuleType(name)
             pkg.__path__ = [os.path.join(root, *suffix.strip(".").split("."))] if suffix else [root]
             sys.modules[name] = pkg
-    if module.startswith("modules.animate"):
-        _stub_torchvision()
-    return importlib.import_module("wan22_ref." + module)
+    import torch
+
+    # t5.py evaluates torch.cuda.current_device() in a default argument at import time.
+    current_device = torch.cuda.current_device
+    if not torch.cuda.is_available():
+        torch.cuda.current_device = lambda: "cpu"
+    try:
+        if module.startswith("modules.animate"):
+            return _import_with_torchvision_stub("wan22_ref." + module)
+        return importlib.import_module("wan22_ref." + module)
+    finally:
+        torch.cuda.current_device = current_device
