@@ -66,6 +66,18 @@ def output_dir() -> str:
     return os.environ.get("WAN_I2V_OUTPUT_DIR", os.path.join(os.getcwd(), "output"))
 
 
+def metadata_disabled() -> bool:
+    """True when ComfyUI runs with ``--disable-metadata`` (then saved files carry no prompt or
+    workflow)."""
+    if not IN_COMFY:
+        return False
+    try:
+        from comfy.cli_args import args  # type: ignore
+    except ImportError:
+        return False
+    return bool(getattr(args, "disable_metadata", False))
+
+
 def compute_device() -> torch.device:
     if IN_COMFY:
         return model_management.get_torch_device()
