@@ -191,3 +191,17 @@ def test_output_folder_itself_may_be_a_link(tmp_path):
     os.symlink(real, tmp_path / "output")
     path = safe_output_path(str(tmp_path / "output"), "v/clip", "mp4")
     assert path == os.path.join(str(real), "v", "clip_00001_.mp4") and os.path.isfile(path)
+
+
+def test_frame_inputs_torch_numpy_float_uint8_rgba_grey():
+    from wan_i2v.wan.video import _to_uint8_frames
+
+    x = torch.rand(2, 4, 5, 4)
+    want = np.rint(x[..., :3].numpy() * 255).astype(np.uint8)
+    assert np.array_equal(_to_uint8_frames(x), want)  # RGBA: alpha dropped
+    assert np.array_equal(_to_uint8_frames(x.numpy()), want)
+    assert np.array_equal(_to_uint8_frames(torch.from_numpy(want)), want)
+    assert np.abs(_to_uint8_frames(x.bfloat16()).astype(int) - want).max() <= 2
+    grey = _to_uint8_frames(x[..., :1] * 2 - 0.5)  # out of range values are clipped
+    assert np.array_equal(grey[..., 0], grey[..., 2])
+    assert grey.min() == 0 and grey.max() == 255

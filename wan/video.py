@@ -50,32 +50,35 @@ _EXIF_LAST_EXTRA_TAG = 0x0100  # ImageWidth: do not go below (and past real imag
 
 
 def _to_uint8_frames(frames) -> np.ndarray:
-    """[F,H,W,C] numpy/torch, uint8 or float in 0..1 -> uint8 numpy [F,H,W,3] (lazy for floats
-    would save memory, but 100 frames of 720p are only 276 MB as uint8)."""
-    if hasattr(frames, "detach"):  # torch tensor, without importing torch here
-        frames = frames.detach().cpu()
-        if frames.dtype.is_floating_point:
-            frames = frames.float()
-        frames = frames.numpy()
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] not in (1, 3, 4) or min(frames.shape[:3]) < 1:
+    """[F,H,W,C] numpy/torch (any device), uint8 or float in 0..1 -> uint8 numpy [F,H,W,3].
+    Floats are converted one frame at a time, so no full-size float copy is ever made."""
+    is_torch = hasattr(frames, "detach")  # without importing torch here
+    if not is_torch:
+        frames = np.asarray(frames)
+    shape = tuple(frames.shape)
+    if len(shape) != 4 or shape[-1] not in (1, 3, 4) or min(shape[:3]) < 1:
         raise ValueError(f"video frames: expected an array of shape [frames, height, width, 3] "
-                         f"(RGB; 4 = RGBA and 1 = grey are accepted too), found shape "
-                         f"{tuple(frames.shape)}")
-    if frames.dtype == np.uint8:
-        out = frames
-    elif np.issubdtype(frames.dtype, np.floating):
-        out = np.empty(frames.shape, np.uint8)
-        for i, f in enumerate(frames):  # frame by frame: no full-size float temporaries
-            out[i] = np.rint(np.clip(np.nan_to_num(f, nan=0.0), 0.0, 1.0) * 255.0)
+                         f"(RGB; 4 = RGBA and 1 = grey are accepted too), found shape {shape}")
+    if is_torch:
+        frames = frames.detach()
+        floating, is_uint8 = frames.dtype.is_floating_point, str(frames.dtype) == "torch.uint8"
     else:
+        floating, is_uint8 = np.issubdtype(frames.dtype, np.floating), frames.dtype == np.uint8
+    if not (floating or is_uint8):
         raise ValueError(f"video frames: expected uint8 (0..255) or float (0..1) values, "
                          f"found dtype {frames.dtype}")
-    if out.shape[-1] == 4:
-        out = out[..., :3]
-    elif out.shape[-1] == 1:
-        out = np.repeat(out, 3, axis=-1)
-    return np.ascontiguousarray(out)
+    out = np.empty(shape[:3] + (3,), np.uint8)
+    for i in range(shape[0]):
+        f = frames[i, ..., :3]
+        if floating:
+            if is_torch:
+                f = f.float().nan_to_num(0.0).clamp(0.0, 1.0).mul(255.0).round().byte()
+            else:
+                f = np.rint(np.clip(np.nan_to_num(f, nan=0.0), 0.0, 1.0) * 255.0)
+        if is_torch:
+            f = f.cpu().numpy()
+        out[i] = f  # a 1-channel frame broadcasts to grey RGB
+    return out
 
 
 def pad_to_even(frames: np.ndarray) -> np.ndarray:
