@@ -66,12 +66,7 @@ class WanI2V_SaveVideo:
 
         root = os.path.realpath(host.output_dir())
         path = safe_output_path(root, filename_prefix, CODEC_EXTENSIONS[codec])
-        try:
-            write_video(images, path, fps=fps, codec=codec, crf=int(crf), metadata=metadata)
-        except BaseException:
-            if os.path.exists(path) and os.path.getsize(path) == 0:  # the reserved name
-                os.remove(path)
-            raise
+        write_video(images, path, fps=fps, codec=codec, crf=int(crf), metadata=metadata)
 
         subfolder, filename = os.path.split(os.path.relpath(path, root))
         result = {"filename": filename, "subfolder": subfolder, "type": "output"}

@@ -99,3 +99,12 @@ def test_bad_frames_leave_no_empty_file(output):
     with pytest.raises(ValueError, match="frames"):
         _call(torch.rand(16, 16, 3))  # a single image without the batch dimension
     assert list((output / "wan_i2v").iterdir()) == []
+
+
+def test_disable_metadata_is_honoured(output, monkeypatch):
+    import wan_i2v.nodes.host as host
+
+    monkeypatch.setattr(host, "metadata_disabled", lambda: True)  # ComfyUI --disable-metadata
+    path = _call(torch.rand(3, 16, 16, 3), prompt=PROMPT, extra_pnginfo=EXTRA)["result"][0]
+    meta = read_video_info(path)["metadata"]
+    assert "prompt" not in meta and "workflow" not in meta

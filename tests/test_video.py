@@ -205,3 +205,16 @@ def test_frame_inputs_torch_numpy_float_uint8_rgba_grey():
     grey = _to_uint8_frames(x[..., :1] * 2 - 0.5)  # out of range values are clipped
     assert np.array_equal(grey[..., 0], grey[..., 2])
     assert grey.min() == 0 and grey.max() == 255
+
+
+def test_refused_arguments_release_a_reserved_name(tmp_path):
+    path = safe_output_path(str(tmp_path), "v", "mp4")
+    assert os.path.getsize(path) == 0  # reserved
+    with pytest.raises(ValueError, match="fps"):
+        write_video(_frames(2), path, fps=1000)
+    assert os.listdir(tmp_path) == []
+    keep = tmp_path / "old.mp4"
+    keep.write_bytes(b"not empty")  # an existing file is not removed by a refusal
+    with pytest.raises(ValueError, match="fps"):
+        write_video(_frames(2), str(keep), fps=1000)
+    assert keep.read_bytes() == b"not empty"

@@ -224,6 +224,19 @@ def _json_or_text(value: str):
         return value
 
 
+def _check_arguments(frames, path, fps, codec, crf, metadata):
+    if codec not in CODEC_EXTENSIONS:
+        raise ValueError(f"codec: expected one of {sorted(CODEC_EXTENSIONS)}, found {codec!r}")
+    ext = CODEC_EXTENSIONS[codec]
+    if not path.lower().endswith("." + ext):
+        raise ValueError(f"{path}: a {codec} video goes in a .{ext} file")
+    fps = _check_fps(fps, codec)
+    if isinstance(crf, bool) or not isinstance(crf, (int, float, np.number)) or crf != int(crf) \
+            or not (0 <= crf <= CRF_MAX[codec]):
+        raise ValueError(f"crf: expected an integer 0..{CRF_MAX[codec]} for {codec}, found {crf!r}")
+    return _to_uint8_frames(frames), fps, int(crf), _metadata_strings(metadata)
+
+
 def write_video(frames, path: str, fps: float, codec: str = "h264", crf: int = 19,
                 metadata: Optional[Mapping[str, Any]] = None) -> str:
     """Write ``frames`` ([F,H,W,3] uint8, or float in 0..1; numpy or torch) to ``path``.
@@ -231,25 +244,22 @@ def write_video(frames, path: str, fps: float, codec: str = "h264", crf: int = 1
     ``codec``: one of ``CODEC_EXTENSIONS`` (the path must end with the matching extension).
     ``crf``: quality, lower is better (0..51 for H.264/H.265, 0..63 for VP9, 0..100 for WebP
     where quality = 100 - crf; ignored for GIF). ``metadata``: key -> value, stored as the
-    module docstring describes. Returns ``path``. A failed write leaves no file behind.
+    module docstring describes. Returns ``path``. A failed write leaves no file behind (nor
+    the empty placeholder that ``safe_output_path`` reserved).
     """
-    if codec not in CODEC_EXTENSIONS:
-        raise ValueError(f"codec: expected one of {sorted(CODEC_EXTENSIONS)}, found {codec!r}")
-    ext = CODEC_EXTENSIONS[codec]
-    if not str(path).lower().endswith("." + ext):
-        raise ValueError(f"{path}: a {codec} video goes in a .{ext} file")
-    fps = _check_fps(fps, codec)
-    if isinstance(crf, bool) or not isinstance(crf, (int, float, np.number)) or crf != int(crf) \
-            or not (0 <= crf <= CRF_MAX[codec]):
-        raise ValueError(f"crf: expected an integer 0..{CRF_MAX[codec]} for {codec}, found {crf!r}")
-    frames = _to_uint8_frames(frames)
-    tags = _metadata_strings(metadata)
     path = os.fspath(path)
     try:
+        frames, fps, crf, tags = _check_arguments(frames, path, fps, codec, crf, metadata)
+    except ValueError:
+        # a name reserved by safe_output_path (an empty file) must not outlive a refusal
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.remove(path)
+        raise
+    try:
         if codec in ("webp", "gif"):
-            _write_pillow(frames, path, fps, codec, int(crf), tags)
+            _write_pillow(frames, path, fps, codec, crf, tags)
         else:
-            _write_av(frames, path, fps, codec, int(crf), tags)
+            _write_av(frames, path, fps, codec, crf, tags)
     except BaseException:
         if os.path.exists(path):
             os.remove(path)
