@@ -96,6 +96,20 @@ def free_memory_for(num_bytes: int, device: torch.device) -> None:
         model_management.free_memory(num_bytes, device)
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now (for a GPU: as ComfyUI counts them, incl. its cache)."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not POSIX
+            return 0
+    if IN_COMFY:
+        return int(model_management.get_free_memory(device))
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return 0
+
+
 def soft_empty_cache() -> None:
     if IN_COMFY:
         model_management.soft_empty_cache()
