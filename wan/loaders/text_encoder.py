@@ -90,7 +90,7 @@ def _infer_config(src: TensorSource, path: str) -> UMT5Config:
         raise checkpoint_error(path, what or f"no umT5 tensors ({len(src)} tensors, e.g. "
                                f"{', '.join(list(src)[:3])})", EXPECTED)
     layers = check_contiguous_blocks(path, src, "blocks.")
-    if "blocks.0.pos_embedding.embedding.weight" not in src:
+    if any(f"blocks.{i}.pos_embedding.embedding.weight" not in src for i in range(layers)):
         raise checkpoint_error(path, "a T5 encoder with one shared relative-position table (T5 v1.1 / "
                                "Flan-T5, not umT5)", EXPECTED, "Wan uses umT5-XXL (google/umt5-xxl).")
     vocab, dim = src.shape("token_embedding.weight")
