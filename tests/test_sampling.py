@@ -9,7 +9,7 @@ from reference import load_official
 
 from wan_i2v.wan import sampling as S
 
-SHAPE = (16, 2, 4, 4)
+SHAPE = (16, 1, 2, 2)
 STEPS = (2, 3, 10, 30, 40)
 SHIFTS = (1, 3, 5, 10)
 

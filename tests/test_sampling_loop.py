@@ -6,7 +6,7 @@ from reference import load_official
 
 from wan_i2v.wan import sampling as S
 
-SHAPE = (16, 2, 4, 4)
+SHAPE = (16, 1, 2, 2)
 
 
 class FakeDiT:

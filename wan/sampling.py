@@ -363,12 +363,12 @@ def sample(
         if batch_cfg and len(todo) == 2:
             v = model_fn(torch.stack([x, x]), torch.full((2,), t, dtype=torch.float32, device=x.device), tuple(todo))
             report.model_calls += 1
-            out = {todo[0]: v[0], todo[1]: v[1]}
+            out = {todo[0]: v[0].to(x.dtype), todo[1]: v[1].to(x.dtype)}
         else:
             for b in todo:
                 v = model_fn(x.unsqueeze(0), torch.full((1,), t, dtype=torch.float32, device=x.device), (b,))
                 report.model_calls += 1
-                out[b] = v[0]
+                out[b] = v[0].to(x.dtype)  # guidance and the solver run in the latent's fp32
         vs = {}
         for b in branches:
             if b in out:
