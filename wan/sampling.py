@@ -207,7 +207,8 @@ class UniPC(Solver):
             # rho solves [[1, 1], [r, 1]] rho = [g1, g2] with the bh2 weights g_k.
             r = (_lam(self.sigmas[i - 2]) - _lam(s0)) / h
             d1 = (self._x0s[-2] - m0) / r
-            phi = h_phi_1 / hh - 1                 # h*phi_2-ish term of the series
+            # g_k = k! * phi_{k+1}(hh) / B(h), with phi_{k+1} from phi_k by (phi_k / hh - 1/k!)
+            phi = h_phi_1 / hh - 1
             g1 = phi / h_phi_1
             g2 = (phi / hh - 0.5) * 2 / h_phi_1
             one = torch.ones((), dtype=r.dtype)
