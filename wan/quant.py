@@ -13,6 +13,11 @@ tensors of ComfyUI's fp8 formats (../shared/formats/README.md, "Quantization"):
 * newer mixed format: ``<layer>.weight_scale`` (+ ``.input_scale``) with ``<layer>.comfy_quant``
   JSON bytes or ``__metadata__["_quantization_metadata"]``; same dequantization;
 * plain fp8 (Kijai): a cast.
+
+fp8 compute (:func:`set_fp8_compute`): on GPUs with fp8 tensor cores (compute capability
+8.9 and up), a :class:`Linear` holding an e4m3fn weight can instead quantize its input to
+e4m3fn on the fly (per token or per tensor, scale = amax / 448) and run ``torch._scaled_mm``
+with the weight's own scale; elsewhere it dequantizes as above, silently.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ class Linear(nn.Linear):
     value per output row. The forward computes in the input's dtype.
     """
 
+    #: set by :func:`set_fp8_compute`: use the fp8 matmul where the device supports it
+    fp8_compute: bool = False
+    #: activation scaling of the fp8 matmul: "token" (one scale per row) or "tensor"
+    fp8_activation_scaling: str = "token"
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight_scale", None)
@@ -53,8 +63,113 @@ class Linear(nn.Linear):
         return w if w.dtype == dtype else w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_compute and fp8_matmul_applies(x, self.weight):
+            return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.fp8_activation_scaling)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
+
+
+# ---------------------------------------------------------------------------------------
+# fp8 compute
+
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+_CAPABLE: Dict[int, bool] = {}
+
+
+def device_supports_fp8_matmul(device: torch.device | str) -> bool:
+    """True on CUDA devices of compute capability >= 8.9 (Ada, Hopper, Blackwell).
+
+    The CPU build of torch also runs ``torch._scaled_mm`` (tests use that), but without
+    fp8 hardware it is no faster than dequantizing, so it is never chosen automatically.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABLE:
+        _CAPABLE[index] = torch.cuda.get_device_capability(index) >= (8, 9)
+    return _CAPABLE[index]
+
+
+def fp8_matmul_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`fp8_linear` can run this call (else the layer dequantizes)."""
+    return (weight.dtype == torch.float8_e4m3fn  # e5m2 weights: dequantized (no e5m2 x e4m3 rowwise)
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and x.numel() > 0
+            # _scaled_mm wants K and N multiples of 16
+            and weight.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
+            and device_supports_fp8_matmul(x.device))
+
+
+def quantize_activation_fp8(x: torch.Tensor, scaling: str = "token") -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic e4m3fn quantization of a 2-D activation ``x`` [M, K]: ``x ≈ q.float() * scale``.
+
+    ``scaling="token"``: one scale per row, shape [M, 1]; ``"tensor"``: one scale, shape [].
+    Scales are ``amax / 448`` in fp32 (clamped away from 0 so that zero rows stay zero).
+    """
+    xf = x.float()
+    if scaling == "token":
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+    elif scaling == "tensor":
+        amax = xf.abs().amax()
+    else:
+        raise ValueError(f"fp8 activation scaling '{scaling}': expected 'token' or 'tensor'")
+    scale = (amax / E4M3_MAX).clamp(min=1e-12)
+    q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], scaling: str = "token") -> torch.Tensor:
+    """``x @ (weight * weight_scale).T + bias`` with an fp8 x fp8 matmul (``torch._scaled_mm``).
+
+    ``weight`` [N, K] e4m3fn; ``weight_scale`` None, a scalar or [N] (per output row). The
+    input is quantized per token or per tensor; the result is in ``x.dtype``, bias added after
+    the matmul in that dtype.
+    """
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    xq, x_scale = quantize_activation_fp8(x2, scaling)
+    n = weight.shape[0]
+    w_scale = (torch.ones((), device=x.device) if weight_scale is None
+               else weight_scale.to(device=x.device, dtype=torch.float32))
+    rowwise = scaling == "token" or w_scale.numel() > 1
+    if rowwise:  # both operands scaled per row: [M, 1] and [1, N]
+        scale_a = x_scale.expand(x2.shape[0], 1).contiguous() if x_scale.ndim == 0 else x_scale
+        scale_b = w_scale.reshape(1, -1).expand(1, n).contiguous()
+        out_dtype = torch.bfloat16  # row-wise scaled_mm produces bf16 only (CUDA)
+    else:
+        scale_a, scale_b = x_scale.reshape(()), w_scale.reshape(())
+        out_dtype = x.dtype
+    # weight [N, K] row-major: its transpose is the column-major [K, N] operand _scaled_mm wants
+    out = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    out = out.to(x.dtype)
+    if bias is not None:
+        out = out + bias.to(x.dtype)
+    return out.reshape(*shape[:-1], n)
+
+
+def set_fp8_compute(model: nn.Module, enabled: bool | str = "auto", device: torch.device | str | None = None,
+                    scaling: str = "token") -> bool:
+    """Select the fp8 matmul for every :class:`Linear` of ``model`` holding an e4m3fn weight.
+
+    ``enabled``: True/False, or "auto" = on only if ``device`` (default: the device of the
+    model's first fp8 weight) supports it. Layers still dequantize wherever the input's
+    device does not support fp8 matmuls, so True never fails. Returns the resolved choice.
+    """
+    if scaling not in ("token", "tensor"):
+        raise ValueError(f"fp8 activation scaling '{scaling}': expected 'token' or 'tensor'")
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    if enabled == "auto":
+        if device is None:
+            device = next((m.weight.device for m in layers if m.weight.dtype == torch.float8_e4m3fn), "cpu")
+        enabled = device_supports_fp8_matmul(device)
+    elif not isinstance(enabled, bool):
+        raise ValueError(f"fp8 compute '{enabled}': expected True, False or 'auto'")
+    for m in layers:
+        m.fp8_compute = enabled
+        m.fp8_activation_scaling = scaling
+    return enabled
 
 
 def quantize_fp8(weight: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
