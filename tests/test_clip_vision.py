@@ -252,6 +252,32 @@ def test_fp16_and_fp8(official_clip, hf_model, image, references, tmp_path):
     assert rel(m8.encode(image), ref) < 0.1
 
 
+def test_comfy_scaled_fp8_layout(hf_model, image, tmp_path):
+    """ComfyUI's legacy scaled fp8 (``scaled_fp8`` marker + ``.scale_weight``): fp8 stays fp8 with
+    its scale; the fused q/k/v (three scales) is dequantized. Reference: transformers with the
+    dequantized weights."""
+    import copy
+
+    sd = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    file, dequant = dict(sd), dict(sd)
+    for k, w in sd.items():
+        if ".encoder.layers." in k and k.endswith("proj.weight") or k.endswith(("fc1.weight", "fc2.weight")):
+            scale = w.abs().amax() / 448.0
+            q = (w / scale).to(torch.float8_e4m3fn)
+            file[k], file[k[:-len("weight")] + "scale_weight"] = q, scale.reshape(())
+            dequant[k] = q.float() * scale
+    file["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    path = str(tmp_path / "clip_vision_h_fp8_scaled.safetensors")
+    save_file(file, path)
+    ref_model = copy.deepcopy(hf_model)
+    ref_model.load_state_dict(dequant)
+    model = load_clip_vision(path)
+    fc1 = model.transformer[0].mlp[0]
+    assert fc1.weight.dtype == torch.float8_e4m3fn and fc1.weight_scale is not None
+    assert model.transformer[0].attn.to_qkv.weight.dtype == torch.float32 and model.dtype == torch.float32
+    assert rel(model.encode(image), hf_encode(ref_model, image)) < 1e-5
+
+
 def test_encode_offloaded_and_device(official_clip, hf_model, image, references, tmp_path):
     model = load_clip_vision(write_layout("kijai_visual", official_clip, hf_model, str(tmp_path)))
     out = encode_offloaded(model, image, "cpu", "cpu")

@@ -41,7 +41,6 @@ class CLIPVisionConfig:
     mlp_dim: int = 5120
     patch_size: int = 14
     image_size: int = 224
-    activation: str = "gelu"  # "gelu" (exact; ViT-H) or "quick_gelu"
     eps: float = 1e-5
 
     @property
@@ -59,11 +58,6 @@ VIT_H_14 = CLIPVisionConfig()
 
 def _layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
-
-
-class QuickGELU(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
 
 
 class Attention(nn.Module):
@@ -86,8 +80,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        act = nn.GELU() if cfg.activation == "gelu" else QuickGELU()
-        self.mlp = nn.Sequential(Linear(cfg.width, cfg.mlp_dim), act, Linear(cfg.mlp_dim, cfg.width))
+        # exact GELU: official ViT-H 'gelu', HF config hidden_act "gelu" (not OpenAI's quick_gelu)
+        self.mlp = nn.Sequential(Linear(cfg.width, cfg.mlp_dim), nn.GELU(), Linear(cfg.mlp_dim, cfg.width))
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x + self.attn(_layer_norm(self.norm1, x).to(dtype)).float()

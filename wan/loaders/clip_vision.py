@@ -27,7 +27,7 @@ import torch
 from ..checkpoints import (FP8_DTYPES, TensorSource, check_contiguous_blocks,
                            checkpoint_error, open_checkpoint, read_json_beside)
 from ..clip_vision import CLIPVisionConfig, CLIPVisionEncoder
-from ..quant import load_into
+from ..quant import IGNORED_QUANT_SUFFIXES, QUANT_MARKERS, SCALE_SUFFIXES, load_into
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ _OPENCLIP_BLOCK = {
     "norm1": "ln_1", "norm2": "ln_2", "attn.proj": "attn.out_proj", "mlp.0": "mlp.c_fc", "mlp.2": "mlp.c_proj",
 }
 
-Reader = Tuple[torch.Size, torch.dtype, Callable[[], torch.Tensor]]
+# (shape, dtype, read, the file's key or None when derived from several tensors)
+Reader = Tuple[torch.Size, torch.dtype, Callable[[], torch.Tensor], Optional[str]]
 
 
 def _entry(src: TensorSource, key: str, shape=None) -> Reader:
     """Read ``key`` lazily, reshaped to ``shape`` if given."""
     shape = torch.Size(shape) if shape is not None else src.shape(key)
-    return shape, src.dtype(key), lambda: src[key].reshape(shape)
+    return shape, src.dtype(key), lambda: src[key].reshape(shape), key
 
 
 def _fused(src: TensorSource, keys) -> Reader:
@@ -75,7 +76,7 @@ def _fused(src: TensorSource, keys) -> Reader:
             parts.append(t.to(dtype))
         return torch.cat(parts, 0)
 
-    return shape, dtype, read
+    return shape, dtype, read, None
 
 
 def _what_else(keys) -> str:
@@ -192,10 +193,10 @@ def _infer_config(path: str, out: Dict[str, Reader], layers: int, hf_config: Opt
     # ViT-H/14 has 16 heads of 80; smaller CLIP towers use heads of 64.
     heads = hf_config.get("num_attention_heads") or (width // 80 if width % 80 == 0 else width // 64)
     act = hf_config.get("hidden_act", "gelu")
-    if act not in ("gelu", "quick_gelu"):
-        raise checkpoint_error(path, f"hidden_act '{act}' in config.json", "'gelu' or 'quick_gelu'")
+    if act != "gelu":
+        raise checkpoint_error(path, f"hidden_act '{act}' in config.json", "'gelu' (exact GELU, as ViT-H/14 uses)")
     return CLIPVisionConfig(width=width, layers=layers, heads=heads, mlp_dim=mlp_dim, patch_size=patch,
-                            image_size=grid * patch, activation=act,
+                            image_size=grid * patch,
                             eps=float(hf_config.get("layer_norm_eps", 1e-5)))
 
 
@@ -224,6 +225,16 @@ def convert_clip_vision(src: TensorSource) -> Tuple[CLIPVisionConfig, TensorSour
             "patch_embedding.weight", "cls_embedding", "pos_embedding", "pre_norm.weight", "pre_norm.bias")
 
     kept = {k: r for k, r in out.items() if used(k)}
+    # fp8 scales (and markers) of the Linear weights we keep travel with them, renamed.
+    for key, (_, _, _, origin) in list(kept.items()):
+        if origin and key.endswith(".weight") and origin.endswith(".weight"):
+            for suffix in SCALE_SUFFIXES + IGNORED_QUANT_SUFFIXES:
+                theirs = origin[:-len(".weight")] + suffix
+                if theirs in src:
+                    kept[key[:-len(".weight")] + suffix] = _entry(src, theirs)
+    for marker in QUANT_MARKERS:
+        if marker in src:
+            kept[marker] = _entry(src, marker)
     # Whatever the layout maps that we do not use (post norm, head, the last block) is skipped;
     # unknown leftovers make load_into's "missing" check speak for an incomplete tower.
     view = TensorSource(src.path, {k: r[0] for k, r in kept.items()}, {k: r[1] for k, r in kept.items()},
