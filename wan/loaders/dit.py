@@ -15,6 +15,7 @@ fp8 weights stay fp8 in memory (``wan.quant.Linear`` dequantizes per layer, per 
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Callable, Iterable, Mapping, Optional, Union
 
@@ -189,8 +190,24 @@ def _config_json(path: str) -> Optional[dict]:
     return read_json_beside(path, "config.json")
 
 
+def _shard_folder(path: str) -> str:
+    """A shard picked on its own (e.g. in a ComfyUI dropdown) stands for its whole folder."""
+    if not os.path.isfile(path):
+        return path
+    folder, name = os.path.split(os.path.abspath(path))
+    for index in (n for n in os.listdir(folder) if n.endswith(".safetensors.index.json")):
+        try:
+            with open(os.path.join(folder, index)) as f:
+                if name in set(json.load(f).get("weight_map", {}).values()):
+                    return folder
+        except (OSError, ValueError, AttributeError):
+            continue
+    return path
+
+
 def open_dit_source(path: str) -> tuple:
     """Open ``path`` lazily and return (source with official key names, format name)."""
+    path = _shard_folder(path)
     src = open_checkpoint(path, subfolders=("transformer",))
     src = src.without_prefix(list(PREFIXES))
     fmt = detect_dit_format(src.keys(), src.shape, path)
@@ -226,6 +243,7 @@ def load_dit(path: Union[str, os.PathLike], dtype=None, device: Union[str, torch
     if cd not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"compute dtype must be fp32, fp16 or bf16, not {cd}")
     backend = check_backend_name(attention)
+    path = _shard_folder(path)
     src, _ = open_dit_source(path)
     cfg = dit_config_for(src, path, num_heads)
     with torch.device("meta"):
