@@ -66,6 +66,17 @@ def output_dir() -> str:
     return os.environ.get("WAN_I2V_OUTPUT_DIR", os.path.join(os.getcwd(), "output"))
 
 
+def cache_dir(name: str) -> str:
+    """A persistent cache folder (e.g. prompt embeddings): ComfyUI's user folder, else
+    ``WAN_I2V_CACHE_DIR`` or ``~/.cache/wan_i2v``."""
+    if IN_COMFY and hasattr(folder_paths, "get_user_directory"):
+        root = os.path.join(folder_paths.get_user_directory(), "wan_i2v_cache")
+    else:
+        root = os.environ.get("WAN_I2V_CACHE_DIR",
+                              os.path.join(os.path.expanduser("~"), ".cache", "wan_i2v"))
+    return os.path.join(root, name)
+
+
 def metadata_disabled() -> bool:
     """True when ComfyUI runs with ``--disable-metadata`` (then saved files carry no prompt or
     workflow)."""

@@ -93,6 +93,7 @@ class TextEncoderHandle:
                  offload_device: Optional[Callable[[], torch.device]] = None,
                  free_memory: Optional[Callable[[int, torch.device], None]] = None,
                  empty_cache: Optional[Callable[[], None]] = None,
+                 free_bytes: Optional[Callable[[torch.device], int]] = None,
                  loader: Callable = load_text_encoder):
         if device not in ("auto", "gpu", "cpu"):
             raise ValueError(f"device must be 'auto', 'gpu' or 'cpu', got {device!r}")
@@ -106,6 +107,7 @@ class TextEncoderHandle:
         self._offload_device = offload_device or (lambda: torch.device("cpu"))
         self._free_memory = free_memory or (lambda n, d: None)
         self._empty_cache = empty_cache or (lambda: torch.cuda.empty_cache() if torch.cuda.is_available() else None)
+        self._free_bytes = free_bytes or (lambda d: torch.cuda.mem_get_info(d)[0] if d.type == "cuda" else 0)
         self._loader = loader
         # Cheap checks now, so a wrong file or a missing tokenizer fails in the loader node.
         src, self.config, spiece = open_text_encoder(self.path)
@@ -162,7 +164,7 @@ class TextEncoderHandle:
             return dev
         need = self.weight_bytes + GPU_MARGIN_BYTES
         self._free_memory(need, dev)
-        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else need
+        free = self._free_bytes(dev)
         if free >= need:
             return dev
         log.info("text encoder: %.1f GB needed, %.1f GB free on %s: encoding on the CPU",
@@ -172,8 +174,8 @@ class TextEncoderHandle:
     def _model_on(self, dev: torch.device):
         if self._model is None:
             log.info("loading text encoder %s to %s", self.path, dev)
-            self._model = self._loader(self.path, dtype=self.dtype, device=dev, linear_dtype=self.linear_dtype)
-            self._model.tokenizer = self.tokenizer
+            self._model = self._loader(self.path, tokenizer=self.tokenizer, dtype=self.dtype, device=dev,
+                                       linear_dtype=self.linear_dtype)
         elif self._model.device != dev:
             self._model.to(dev)
         return self._model

@@ -22,7 +22,7 @@ import torch
 from ..checkpoints import CheckpointError, TensorSource, check_contiguous_blocks, checkpoint_error, open_checkpoint, read_json_beside
 from ..quant import load_into
 from ..text_encoder import UMT5Config, UMT5Encoder
-from ..tokenizer import find_tokenizer
+from ..tokenizer import UMT5Tokenizer, find_tokenizer
 
 EXPECTED = "a umT5-XXL text encoder (official models_t5_umt5-xxl-enc-bf16.pth, Kijai umt5-xxl-enc-bf16, " \
            "ComfyUI umt5_xxl_fp16 / fp8_e4m3fn_scaled, or a diffusers text_encoder/ folder)"
@@ -128,7 +128,7 @@ def _tokenizer_anchor(path: str) -> str:
     return sub if os.path.isdir(sub) else path
 
 
-def load_text_encoder(path: str, tokenizer: Optional[str] = None, dtype: Optional[torch.dtype] = None,
+def load_text_encoder(path: str, tokenizer: Optional[str | UMT5Tokenizer] = None, dtype: Optional[torch.dtype] = None,
                       device: torch.device | str = "cpu", linear_dtype: Optional[torch.dtype] = None
                       ) -> UMT5Encoder:
     """Build the umT5 encoder from ``path`` (file, ``text_encoder/`` folder or pipeline root).
@@ -136,10 +136,14 @@ def load_text_encoder(path: str, tokenizer: Optional[str] = None, dtype: Optiona
     ``dtype``: compute dtype (None: bfloat16, as the official model runs). ``linear_dtype``:
     dtype of the Linear weights (None: fp8 files stay fp8, others follow ``dtype``; an fp8
     dtype quantizes 16-bit weights to fp8 per tensor). ``tokenizer``: a tokenizer file or
-    folder; by default the one embedded in the file or found beside it.
+    folder (or a built :class:`UMT5Tokenizer`); by default the one embedded in the file or
+    found beside it.
     """
     src, cfg, spiece = open_text_encoder(path)
-    tok = find_tokenizer(_tokenizer_anchor(os.fspath(path)), tokenizer, spiece)
+    if isinstance(tokenizer, UMT5Tokenizer):
+        tok = tokenizer
+    else:
+        tok = find_tokenizer(_tokenizer_anchor(os.fspath(path)), tokenizer, spiece)
     dtype = dtype or torch.bfloat16
     with torch.device("meta"):
         model = UMT5Encoder(cfg)
