@@ -126,7 +126,7 @@ def load_image(image) -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         image = _open_image(os.fspath(image))
     if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-        image = np.asarray(image.convert("RGB"))
+        image = np.array(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
     if not isinstance(image, torch.Tensor):
