@@ -114,7 +114,7 @@ class TextEncoderHandle:
         self.weight_bytes = _estimate_bytes(src, self.dtype, linear_dtype)
         self.tokenizer = find_tokenizer(_tokenizer_anchor(self.path), tokenizer, spiece)
         self.identity = json.dumps({
-            "files": file_identity(self.path), "tokenizer": self.tokenizer.source,
+            "files": file_identity(_tokenizer_anchor(self.path)), "tokenizer": self.tokenizer.source,
             "dtype": _dtype_name(self.dtype), "linear_dtype": _dtype_name(linear_dtype)})
         self._model = None
 
