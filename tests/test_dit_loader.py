@@ -272,3 +272,28 @@ def test_pickled_code_never_runs(reference, tmp_path):
     with pytest.raises(CheckpointError, match=r"evil.pth: found a file torch cannot read safely"):
         load_dit(path)
     assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("layout", ["official_sharded", "diffusers_pipeline"])
+def test_heads_from_config_json(layout, tmp_path):
+    """head_dim 64 (4 heads of 64): read from the folder's config.json, not guessed as dim // 128."""
+    model = make_diffusers(seed=4, num_attention_heads=4, attention_head_dim=64)
+    sd = official_state_dict(model)
+    path, _ = write_layout(layout, str(tmp_path), sd, model)
+    if layout == "official_sharded":  # write_layout wrote num_heads 2: fix it to 4
+        cfg_path = os.path.join(path, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        with open(cfg_path, "w") as f:
+            json.dump({**cfg, "num_heads": 4}, f)
+    ours = load_dit(path, compute_dtype=torch.float32)
+    assert ours.config.num_heads == 4 and ours.config.head_dim == 64
+    inputs = make_inputs()
+    with torch.no_grad():
+        assert rel_err(ours(*inputs), diffusers_forward(model, *inputs)) < 1e-5
+    # A single file has no config.json: dim // 128 heads unless told.
+    single, _ = write_layout("fp32", str(tmp_path / "single"), sd, model)
+    assert load_dit(single).config.num_heads == 2
+    told = load_dit(single, compute_dtype=torch.float32, num_heads=4)
+    with torch.no_grad():
+        assert rel_err(told(*inputs), diffusers_forward(model, *inputs)) < 1e-5

@@ -185,7 +185,11 @@ def _dtype(value) -> Optional[torch.dtype]:
 
 
 def _config_json(path: str) -> Optional[dict]:
-    if os.path.isdir(path) and os.path.isdir(os.path.join(path, "transformer")):
+    """config.json of an official or diffusers folder. Not read beside single files: a
+    models folder may hold a config.json that belongs to something else."""
+    if not os.path.isdir(path):
+        return None
+    if os.path.isdir(os.path.join(path, "transformer")):
         path = os.path.join(path, "transformer")
     return read_json_beside(path, "config.json")
 
