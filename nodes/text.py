@@ -12,7 +12,7 @@ import torch
 
 from . import host
 from ..wan.embed_cache import TextEmbeds, TextEncoderHandle
-from ..wan.text_encoder import DEFAULT_NEGATIVE_PROMPT
+from ..wan.defaults import DEFAULT_NEGATIVE_PROMPT
 
 # name -> (compute dtype, Linear weight dtype; None keeps fp8 files fp8)
 DTYPES = {

@@ -12,7 +12,7 @@ from wan_i2v.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from wan_i2v.wan.checkpoints import CheckpointError
 from wan_i2v.wan.embed_cache import TextEmbeds, clear_memory_cache
 from wan_i2v.wan.loaders.text_encoder import load_text_encoder
-from wan_i2v.wan.text_encoder import DEFAULT_NEGATIVE_PROMPT
+from wan_i2v.wan.defaults import DEFAULT_NEGATIVE_PROMPT
 from wan_i2v.wan.tokenizer import TokenizerError
 
 LOADER, ENCODE = "WanI2V_TextEncoderLoader", "WanI2V_TextEncode"

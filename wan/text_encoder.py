@@ -42,12 +42,6 @@ class UMT5Config:
 
 UMT5_XXL = UMT5Config()
 
-# The hosted wan-i2v API's default negative prompt (English rendering of Wan's own).
-DEFAULT_NEGATIVE_PROMPT = (
-    "bright colors, overexposed, static, blurred details, subtitles, style, artwork, painting, picture, "
-    "still, overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra "
-    "fingers, poorly drawn hands, poorly drawn faces, deformed, disfigured, malformed limbs, fused fingers, "
-    "still picture, cluttered background, three legs, many people in the background, walking backwards")
 
 
 def fp16_clamp(x: torch.Tensor) -> torch.Tensor:
