@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -26,6 +27,7 @@ import torch
 
 from . import conditioning as C
 from .defaults import DEFAULT_NEGATIVE_PROMPT, GUIDE_SCALE_RANGE, SHIFT_RANGE, STEPS_RANGE
+from .embed_cache import TextEmbeds  # WAN_TEXT_EMBEDS: .positive / .negative [L, 4096] on the CPU
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,6 @@ class I2VCondition:
     @property
     def latent_shape(self) -> Tuple[int, int, int, int]:
         return (16, C.latent_frames(self.num_frames), self.height // 8, self.width // 8)
-
-
-@dataclass
-class TextEmbeds:
-    """umT5 embeddings at their true length: ``positive`` / ``negative`` [L, 4096]."""
-    positive: torch.Tensor
-    negative: torch.Tensor
 
 
 @dataclass
@@ -123,7 +118,11 @@ def _free_cache(device: torch.device) -> None:
 @contextlib.contextmanager
 def _placed(module, device: Optional[torch.device]):
     """``module`` on ``device`` for the duration of the block, back where it was after it
-    (also when the block raises), then the CUDA cache emptied."""
+    (also when the block raises), then the CUDA cache emptied. Objects that are not torch
+    modules (the nodes' CLIP and text-encoder handles) place themselves: left alone."""
+    if not isinstance(module, torch.nn.Module):
+        yield torch.device("cpu")
+        return
     device = torch.device(device) if device is not None else _module_device(module)
     home = _module_device(module)
     try:
@@ -134,6 +133,19 @@ def _placed(module, device: Optional[torch.device]):
         if home != device:
             module.to(home)
         _free_cache(device)
+
+
+def dit_memory_estimate(dit, cond: "I2VCondition", guide_scale: float = 5.0) -> int:
+    """Rough bytes the DiT needs on the compute device for ``cond``: its weights plus the
+    activations of one forward (batch 2 with guidance): the fp32 residual stream and a few
+    copies of it, and the FFN's hidden layer in the compute dtype."""
+    cfg = dit.config
+    tokens = math.prod(cond.latent_shape[1:]) // math.prod(cfg.patch_size)
+    batch = 1 if guide_scale == 1 else 2
+    item = torch.empty((), dtype=getattr(dit, "compute_dtype", torch.bfloat16)).element_size()
+    acts = batch * tokens * (cfg.dim * 4 * 6 + cfg.ffn_dim * item * 2)
+    weights = sum(t.numel() * t.element_size() for t in dit.parameters())
+    return weights + acts
 
 
 def _place_dit(dit, device: torch.device) -> torch.device:
@@ -177,8 +189,8 @@ def encode_image_condition(image, vae, clip_vision, num_frames: int = 81,
     vae_img, clip_img, (w, h) = C.prepare_image(img, resolution, aspect_ratio)
 
     t0 = time.perf_counter()
-    with _placed(clip_vision, device):
-        clip_fea = clip_vision.encode(clip_img[None].to(device)).float().cpu()
+    with _placed(clip_vision, device) as where:
+        clip_fea = clip_vision.encode(clip_img[None].to(where)).float().cpu()
     timings["image"] = time.perf_counter() - t0
     if interrupt is not None:
         interrupt()
@@ -199,14 +211,18 @@ def encode_image_condition(image, vae, clip_vision, num_frames: int = 81,
 @torch.no_grad()
 def encode_prompts(text_encoder, prompt: str, negative_prompt: Optional[str] = None,
                    device=None) -> TextEmbeds:
-    """umT5 embeddings of the prompt and the negative prompt (Wan's default when None or "")."""
+    """umT5 embeddings of the prompt and the negative prompt (Wan's default when None or "").
+    ``text_encoder``: a loaded encoder (visits ``device``) or a ``TextEncoderHandle`` (cached,
+    places itself)."""
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
     negative_prompt = negative_prompt or DEFAULT_NEGATIVE
+    if hasattr(text_encoder, "encode_pair"):
+        return text_encoder.encode_pair(prompt, negative_prompt)
     device = torch.device(device) if device is not None else default_device()
     with _placed(text_encoder, device):
         pos, neg = text_encoder.encode([prompt, negative_prompt])
-    return TextEmbeds(positive=pos.float().cpu(), negative=neg.float().cpu())
+    return TextEmbeds(pos.float().cpu(), neg.float().cpu(), prompt, negative_prompt)
 
 
 @torch.no_grad()
@@ -387,3 +403,31 @@ class I2VPipeline:
                  ", ".join(f"{k} {v:.1f}s" for k, v in timings.items()))
         return I2VResult(frames=to_uint8_frames(video), seed=seed, steps=report, latents=latent,
                          timings=timings, video=video)
+
+
+# --------------------------------------------------------------------------- preview
+
+# Wan 2.1 latent -> RGB linear projection (16x3) and bias: the published values of ComfyUI's
+# comfy/latent_formats.py ``Wan21.latent_rgb_factors`` / ``latent_rgb_factors_bias``, applied
+# to the normalized latent the DiT works on.
+LATENT_RGB_FACTORS = (
+    (-0.1299, -0.1692, 0.2932), (0.0671, 0.0406, 0.0442), (0.3568, 0.2548, 0.1747),
+    (0.0372, 0.2344, 0.1420), (0.0313, 0.0189, -0.0328), (0.0296, -0.0956, -0.0665),
+    (-0.3477, -0.4059, -0.2925), (0.0166, 0.1902, 0.1975), (-0.0412, 0.0267, -0.1364),
+    (-0.1293, 0.0740, 0.1636), (0.0680, 0.3019, 0.1128), (0.0032, 0.0581, 0.0639),
+    (-0.1251, 0.0927, 0.1699), (0.0060, -0.0633, 0.0005), (0.3477, 0.2275, 0.2950),
+    (0.1984, 0.0913, 0.1861),
+)
+LATENT_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
+
+
+def latent_preview(latent: torch.Tensor, frame: Optional[int] = None) -> np.ndarray:
+    """A cheap look at latent frame ``frame`` (default: the middle one) of [16, T, h, w]
+    (or [1, 16, T, h, w]): uint8 [h, w, 3], one pixel per latent pixel."""
+    if latent.ndim == 5:
+        latent = latent[0]
+    t = latent.shape[1] // 2 if frame is None else frame
+    x = latent[:, t].detach().float().cpu()
+    m = torch.tensor(LATENT_RGB_FACTORS, dtype=torch.float32)
+    rgb = torch.einsum("chw,cr->hwr", x, m) + torch.tensor(LATENT_RGB_BIAS)
+    return ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
