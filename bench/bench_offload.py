@@ -1,11 +1,14 @@
-"""A full sampling run (the pipeline's real loop: UniPC, guidance with both branches batched,
-no step skipping) of the 14B I2V DiT under a VRAM cap, with and without block swapping.
+"""A full sampling run (the pipeline's real loop: UniPC, guidance 5, no step
+skipping) of the 14B I2V DiT under a VRAM cap, with and without block swapping.
 
     python bench/bench_offload.py --res 720p --weights fp8 --cap-gib 24     # the 24 GB card case
     python bench/bench_offload.py --res 480p --weights fp8 --cap-gib 12
     python bench/bench_offload.py --res 480p --weights bf16 --cap-gib 24
     python bench/bench_offload.py --steps 4 ...                               # shorter (per-step time)
     python bench/bench_offload.py --smoke                                     # tiny model on the CPU
+
+Guidance: with ``--cfg-batch auto`` both branches go in one batch-2 forward only when its
+activations fit the cap (at 720p they do not fit 24 GiB: two batch-1 forwards per step).
 
 Runs (``--modes``, in this order):
   resident  the whole DiT on the GPU, no cap: the baseline time;
@@ -41,12 +44,12 @@ def set_cap(device, cap_gib):
     torch.cuda.set_per_process_memory_fraction(frac, device)
 
 
-def run_sampling(dit, cond, text, steps, device):
+def run_sampling(dit, cond, text, steps, device, batch_cfg):
     from wan_i2v.wan.pipeline import sample
 
     t0 = time.perf_counter()
     latent, _, report = sample(dit, cond, text, num_inference_steps=steps, guide_scale=5.0, shift=5.0,
-                               seed=0, solver="unipc", acceleration="none", device=device, batch_cfg=True)
+                               seed=0, solver="unipc", acceleration="none", device=device, batch_cfg=batch_cfg)
     C.sync(device)
     return latent, time.perf_counter() - t0, report
 
@@ -60,6 +63,8 @@ def main(argv=None):
     ap.add_argument("--cap-gib", type=float, default=12.0, help="VRAM cap (GiB) for the capped runs")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--modes", default="resident,capped,swap")
+    ap.add_argument("--cfg-batch", default="auto", choices=("auto", "1", "2"),
+                    help="2: both guidance branches in one forward; auto: 2 if its activations fit the cap")
     ap.add_argument("--blocks-on-cpu", type=int, help="override the number chosen from the cap")
     ap.add_argument("--offload-embeddings", action="store_true")
     ap.add_argument("--no-debug", action="store_true", help="no per-block CUDA-event timing")
@@ -95,10 +100,12 @@ def main(argv=None):
     dit = C.build_ours(cfg, args.weights, "cpu", gen_device=gen, compute_dtype=compute)
     fp8 = {"auto": "auto", "on": True, "off": False}[args.fp8_compute]
     fp8_on = set_fp8_compute(dit, fp8, device) if args.weights == "fp8" else False
+    batch = int(args.cfg_batch) if args.cfg_batch != "auto" else (
+        2 if args.smoke or estimate_vram_bytes(dit, tokens, cfg.num_layers, 2) <= args.cap_gib * 2 ** 30 else 1)
     weight_gib = sum(t.numel() * t.element_size() for t in list(dit.parameters()) + list(dit.buffers())) / 2 ** 30
     report = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": C.device_name(device),
               "torch": torch.__version__, "command": "python bench/bench_offload.py " + " ".join(argv or sys.argv[1:]),
-              "res": args.res, "latent": list(grid), "tokens": tokens, "steps": args.steps, "cfg_batch": 2,
+              "res": args.res, "latent": list(grid), "tokens": tokens, "steps": args.steps, "cfg_batch": batch,
               "weights": args.weights, "fp8_matmul": fp8_on, "weights_GiB": round(weight_gib, 2),
               "cap_GiB": args.cap_gib, "runs": {}}
     outputs = {}
@@ -112,17 +119,17 @@ def main(argv=None):
             if mode == "swap":
                 n = args.blocks_on_cpu
                 if n is None:
-                    n = choose_blocks_to_swap(dit, args.cap_gib, tokens, batch=2,
+                    n = choose_blocks_to_swap(dit, args.cap_gib, tokens, batch=batch,
                                               offload_embeddings=args.offload_embeddings)
                 run["blocks_on_cpu"] = n
-                run["estimate_GiB"] = round(estimate_vram_bytes(dit, tokens, n, 2, args.offload_embeddings) / 2 ** 30, 2)
+                run["estimate_GiB"] = round(estimate_vram_bytes(dit, tokens, n, batch, args.offload_embeddings) / 2 ** 30, 2)
                 swap = BlockSwap(dit, blocks_on_cpu=n, device=device, offload_embeddings=args.offload_embeddings,
                                  debug=not args.no_debug).install()
             elif mode in ("resident", "capped"):
                 dit.to(device)
             else:
                 raise SystemExit(f"unknown mode {mode!r}")
-            latent, seconds, steps = run_sampling(dit, cond, text, args.steps, device)
+            latent, seconds, steps = run_sampling(dit, cond, text, args.steps, device, batch == 2)
             run.update(seconds=round(seconds, 2), per_step_s=round(seconds / args.steps, 3),
                        model_calls=steps.model_calls, peak_GiB=C.peak_gib(device))
             if device.type == "cuda":
