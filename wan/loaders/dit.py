@@ -22,11 +22,11 @@ from typing import Callable, Iterable, Mapping, Optional, Union
 import torch
 
 from ..attention import check_backend_name
-from ..checkpoints import (CheckpointError, TensorSource, check_contiguous_blocks, checkpoint_error,
+from ..checkpoints import (CheckpointError, check_contiguous_blocks, checkpoint_error,
                            open_checkpoint, read_json_beside)
 from ..configs import DiTConfig, dit_config_from_shapes
 from ..dit import WanDiT
-from ..quant import is_quant_extra, load_into
+from ..quant import load_into
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 EXPECTED = "a Wan 2.1 image-to-video (I2V 14B) diffusion model"
@@ -167,8 +167,8 @@ def detect_dit_format(keys: Iterable[str], shape: Optional[Callable[[str], tuple
                      f"{'' if in_dim is None else f', {in_dim} input channels'})",
                      "Use a Wan 2.1 *I2V* 14B file (480p or 720p).")
     if in_dim is not None and in_dim != 36:
-        raise refuse(f"patch_embedding with {in_dim} input channels", "36 input channels (16 latent + 4 mask + "
-                     "16 image latent). This may be a Wan 2.1 'Fun' or other variant, not supported.")
+        raise refuse(f"patch_embedding with {in_dim} input channels", "Wan 2.1 I2V has 36 (16 latent + 4 mask + "
+                     "16 image latent); this may be a 'Fun' or other variant, which is not supported.")
     return fmt
 
 
@@ -264,4 +264,4 @@ def load_dit(path: Union[str, os.PathLike], dtype=None, device: Union[str, torch
     return model
 
 
-__all__ = ["load_dit", "detect_dit_format", "diffusers_to_official", "open_dit_source", "DTYPES", "is_quant_extra"]
+__all__ = ["load_dit", "detect_dit_format", "diffusers_to_official", "open_dit_source", "DTYPES"]
