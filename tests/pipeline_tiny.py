@@ -78,3 +78,15 @@ def load_ours(folder: str):
     t5 = load_text_encoder(folder, dtype=torch.float32)
     clip = load_clip_vision(folder, dtype=torch.float32)
     return dit, vae, t5, clip
+
+
+_BUILT: dict = {}
+
+
+def shared_tiny(tmp_path_factory):
+    """(folder, diffusers pipeline): built once per test session."""
+    if "folder" not in _BUILT:
+        folder = str(tmp_path_factory.mktemp("wan_i2v_tiny"))
+        _BUILT["pipe"] = build_diffusers_pipeline(folder)
+        _BUILT["folder"] = folder
+    return _BUILT["folder"], _BUILT["pipe"]

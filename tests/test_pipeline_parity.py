@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline_tiny import SHIFT, SIZE, build_diffusers_pipeline, load_ours
+from pipeline_tiny import SHIFT, SIZE, load_ours, shared_tiny
 from wan_i2v.wan import conditioning as C
 from wan_i2v.wan.pipeline import I2VPipeline, encode_prompts
 from wan_i2v.wan.sampling import initial_noise
@@ -23,8 +23,7 @@ def rel_err(a, b):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("wan_i2v_tiny"))
-    ref = build_diffusers_pipeline(folder)
+    folder, ref = shared_tiny(tmp_path_factory)
     ours = I2VPipeline(*load_ours(folder), device="cpu")
     rng = np.random.default_rng(3)
     # Smooth content, already SIZE x SIZE: resizing is the identity for every path.

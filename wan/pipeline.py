@@ -379,6 +379,7 @@ class I2VPipeline:
         resolve_settings(acceleration)
         seed = resolve_seed(seed)
         img = C.load_image(image)
+        C.output_size(img.shape[2], img.shape[1], resolution, aspect_ratio)
 
         timings: Dict[str, float] = {}
         t0 = time.perf_counter()
