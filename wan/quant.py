@@ -94,7 +94,8 @@ def device_supports_fp8_matmul(device: torch.device | str) -> bool:
 def fp8_matmul_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`fp8_linear` can run this call (else the layer dequantizes)."""
     return (weight.dtype == torch.float8_e4m3fn  # e5m2 weights: dequantized (no e5m2 x e4m3 rowwise)
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            # fp32 activations mark layers the model keeps in full precision (time MLP, head)
+            and x.dtype in (torch.bfloat16, torch.float16)
             and x.numel() > 0
             # _scaled_mm wants K and N multiples of 16
             and weight.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0
