@@ -218,3 +218,13 @@ def test_latent_preview():
     assert np.abs(rgb[0, 0].astype(float) - expect).max() <= 0.5 + 1e-6
     assert np.array_equal(P.latent_preview(lat[None]), rgb)
     assert len(P.LATENT_RGB_FACTORS) == 16 and all(len(r) == 3 for r in P.LATENT_RGB_FACTORS)
+
+
+def test_from_files(tmp_path_factory, image):
+    """What the command line calls: the four paths (here one diffusers folder for all)."""
+    folder, _ = shared_tiny(tmp_path_factory)
+    pipe = P.I2VPipeline.from_files({k: folder for k in ("dit", "vae", "text_encoder", "clip_vision")},
+                                    device="cpu", compute_dtype=torch.float32)
+    assert pipe.dit.compute_dtype == torch.float32 and next(pipe.dit.parameters()).dtype == torch.float32
+    res = pipe.run(image, "a cat", seed=3, **{**ARGS, "num_inference_steps": 2})
+    assert res.frames.shape[0] == FRAMES and res.seed == 3
