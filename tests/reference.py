@@ -66,3 +66,9 @@ def load_official(module: str):
         return importlib.import_module("wan22_ref." + module)
     finally:
         torch.cuda.current_device = current_device
+
+
+def shared_path(*parts: str) -> str:
+    """A path in the project's shared/ folder, which lies beside the checkout (``../shared``)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, "..", "shared", *parts)

@@ -10,14 +10,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from reference import load_official
+from reference import load_official, shared_path
 from wan_i2v.wan.checkpoints import CheckpointError, TensorSource, open_checkpoint
 from wan_i2v.wan.clip_vision import VIT_H_14, CLIPVisionEncoder, encode_offloaded
 from wan_i2v.wan.loaders.clip_vision import convert_clip_vision, load_clip_vision
 
-FORMATS = "/work/shared/formats"
-if not os.path.isdir(FORMATS):
-    FORMATS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "formats")
+FORMATS = shared_path("formats")
 
 # Tiny tower: heads of 80 like ViT-H, 56 px -> 4x4 patches + class token = 17 tokens.
 WIDTH, HEADS, LAYERS, PATCH, SIZE = 160, 2, 4, 14, 56

@@ -15,10 +15,9 @@ from wan_i2v.wan.configs import WAN21_I2V_14B, DiTConfig, dit_config_from_shapes
 from wan_i2v.wan.dit import WanDiT
 from wan_i2v.wan.loaders.dit import detect_dit_format, diffusers_to_official
 from wan_i2v.wan.quant import Linear as QuantLinear, load_into
+from reference import shared_path
 
-FORMATS = "/work/shared/formats"
-if not os.path.isdir(FORMATS):
-    FORMATS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "formats")
+FORMATS = shared_path("formats")
 
 # Tiny: 2 heads of 128, 2 layers; text and CLIP widths shrunk (shapes follow the formulas).
 TINY = dict(num_attention_heads=2, attention_head_dim=128, in_channels=36, out_channels=16, text_dim=96,

@@ -17,8 +17,9 @@ from wan_i2v.wan.embed_cache import TextEncoderHandle, clear_memory_cache
 from wan_i2v.wan.loaders.text_encoder import _infer_config, _to_official, load_text_encoder
 from wan_i2v.wan.text_encoder import UMT5_XXL, UMT5Encoder
 from wan_i2v.wan.tokenizer import TokenizerError
+from reference import shared_path
 
-FORMATS = "/work/shared/formats"
+FORMATS = shared_path("formats")
 PROMPTS = ["the cat runs  through the   forest at night &amp; the city lights",
            "猫 が 森 を 歩く, кошка бежит через лес", "", "a"]
 
