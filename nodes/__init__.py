@@ -10,7 +10,7 @@ NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
 # Add a module here when it defines nodes.
-_NODE_MODULES = ("save_video", "vae", "clip_vision", "model_loader", "text", "i2v")
+_NODE_MODULES = ("save_video", "vae", "clip_vision", "model_loader", "text", "i2v", "generate")
 
 for _name in _NODE_MODULES:
     _mod = importlib.import_module(f".{_name}", __name__)

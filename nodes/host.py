@@ -6,10 +6,13 @@ defaults: model folders from ``WAN_I2V_MODELS_DIR`` (default ``./models``), outp
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
+
+from ..wan.defaults import DEBUG_SIZE_ENV, parse_debug_size
 
 try:  # ComfyUI present
     import folder_paths  # type: ignore
@@ -21,6 +24,9 @@ except ImportError:  # tests, command line
     model_management = None
     comfy_utils = None
     IN_COMFY = False
+
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -152,3 +158,17 @@ class Progress:
 
 def interrupt_checker() -> Optional[Callable[[], None]]:
     return check_interrupted if IN_COMFY else None
+
+
+def debug_override(resolution, num_frames: int) -> Tuple[object, int]:
+    """``(resolution, num_frames)``, replaced by the ``WAN_I2V_DEBUG_SIZE`` setting
+    ("WIDTHxHEIGHTxFRAMES", see wan/defaults.py) when it is set: a (width, height) pixel area
+    and its frame count, for tiny test runs that the widgets' ranges cannot request."""
+    size = parse_debug_size(os.environ.get(DEBUG_SIZE_ENV))
+    if size is None:
+        return resolution, num_frames
+    w, h, f = size
+    log.warning("%s=%s is set: using a %dx%d pixel area and %d frames instead of %s and %d frames "
+                "(a debug setting; unset it for real videos)", DEBUG_SIZE_ENV,
+                os.environ[DEBUG_SIZE_ENV], w, h, f, resolution, num_frames)
+    return (w, h), f

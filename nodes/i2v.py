@@ -60,6 +60,7 @@ class WanI2V_ImageEncode:
             raise ValueError(f"Wan I2V Image Encode: found an image of shape {shape}; expected a "
                              "ComfyUI IMAGE [batch, height, width, 3] with values in 0..1")
         num_frames = C.check_num_frames(num_frames)
+        resolution, num_frames = host.debug_override(resolution, num_frames)  # WAN_I2V_DEBUG_SIZE
         host.check_interrupted()
         device = host.compute_device()
         pixels = C.load_image(image[0].float().cpu())
