@@ -318,7 +318,7 @@ class WanVAE(nn.Module):
         return mean, std
 
     # ------------------------------------------------------------------ encode
-    def encode(self, video: torch.Tensor, *, tiled: Union[bool, str] = False, tile_size: int = 256,
+    def encode(self, video: torch.Tensor, *, tiled: Union[bool, str] = "auto", tile_size: int = 256,
                tile_overlap: int = 64, progress: Progress = None, interrupt: Interrupt = None,
                compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``video`` [B,3,F,H,W] in [-1,1], F = 4k+1, H and W multiples of 8 ->
@@ -335,11 +335,13 @@ class WanVAE(nn.Module):
                              f"that are multiples of {SPATIAL_STRIDE}")
         dtype = self._dtype(compute_dtype)
         lat_shape = (b, self.z_dim, (f - 1) // TEMPORAL_STRIDE + 1, h // 8, w // 8)
-        use_tiles = tiled is True or (tiled == "auto" and self.device.type == "cuda"
-                                      and self._too_big(encode_pixels=h * w, dtype=dtype, batch=b))
+
+        def run(use_tiles: bool) -> torch.Tensor:
+            return self._run(video, lat_shape, use_tiles, tile_size, tile_overlap, self._encode_stream,
+                             dtype, progress, interrupt, out_scale=1, in_scale=SPATIAL_STRIDE)
+
         with torch.inference_mode():
-            mu = self._run(video, lat_shape, use_tiles, tile_size, tile_overlap,
-                           self._encode_stream, dtype, progress, interrupt, out_scale=1, in_scale=8)
+            mu = self._tiled_if_needed(tiled, lambda: self.memory_estimate(h * w, dtype, False, b), run)
             mean, std = self._stats(mu)
             return mu.sub_(mean).div_(std)
 
@@ -368,7 +370,7 @@ class WanVAE(nn.Module):
         """Normalized ``latent`` [B,16,T,h,w] -> video [B,3,4(T-1)+1,8h,8w] in [-1,1].
 
         ``out_device``: where the frames are collected (default: the model's device; "cpu"
-        keeps the GPU free of the whole video)."""
+        keeps the GPU free of the whole video). ``out_dtype``: dtype of the returned video."""
         if latent.ndim != 5 or latent.shape[1] != self.z_dim:
             raise ValueError(f"VAE decode: found a latent of shape {list(latent.shape)}; expected "
                              f"[batch, {self.z_dim}, frames, height, width] (Wan 2.1 latents have "
@@ -377,33 +379,23 @@ class WanVAE(nn.Module):
         if min(t, h, w) == 0:
             raise ValueError(f"VAE decode: found an empty latent of shape {list(latent.shape)}")
         dtype = self._dtype(compute_dtype)
-        shape = (b, 3, (t - 1) * TEMPORAL_STRIDE + 1, h * 8, w * 8)
+        shape = (b, 3, (t - 1) * TEMPORAL_STRIDE + 1, h * SPATIAL_STRIDE, w * SPATIAL_STRIDE)
         out_device = torch.device(out_device) if out_device is not None else self.device
+
+        def need() -> int:
+            out_bytes = math.prod(shape) * out_dtype.itemsize if out_device == self.device else 0
+            return self.memory_estimate(shape[3] * shape[4], dtype, True, b) + out_bytes
+
         with torch.inference_mode():
             mean, std = self._stats(latent)
             z = latent.to(self.device, torch.float32) * std + mean
-            args = (z, shape, None, tile_size, tile_overlap, self._decode_stream, dtype,
-                    progress, interrupt)
-            kw = dict(out_scale=8, in_scale=1, out_device=out_device, out_dtype=out_dtype)
-            if tiled == "auto":
-                if self.device.type != "cuda":
-                    use_tiles = False
-                else:
-                    out_bytes = math.prod(shape) * 4 if out_device == self.device else 0
-                    use_tiles = self._too_big(decode_pixels=shape[3] * shape[4], dtype=dtype,
-                                              batch=b, extra=out_bytes)
-                if not use_tiles:
-                    oom = False
-                    try:
-                        return self._run(*args[:2], False, *args[3:], **kw).clamp_(-1, 1)
-                    except torch.cuda.OutOfMemoryError:
-                        oom = True  # leave the except block first, so its frames are freed
-                    if oom:
-                        torch.cuda.empty_cache()
-                use_tiles = True
-            else:
-                use_tiles = bool(tiled)
-            return self._run(*args[:2], use_tiles, *args[3:], **kw).clamp_(-1, 1)
+
+            def run(use_tiles: bool) -> torch.Tensor:
+                return self._run(z, shape, use_tiles, tile_size, tile_overlap, self._decode_stream, dtype,
+                                 progress, interrupt, out_scale=SPATIAL_STRIDE, in_scale=1,
+                                 out_device=out_device, out_dtype=out_dtype)
+
+            return self._tiled_if_needed(tiled, need, run).clamp_(-1, 1)
 
     def _decode_stream(self, x: torch.Tensor, dtype: torch.dtype, emit, step) -> None:
         cache: Cache = {}
@@ -498,9 +490,23 @@ class WanVAE(nn.Module):
         work = 10 * 4 * self.cfg.dim * pixels  # ~10 tensors of 4 frames at full resolution
         return int(batch * size * (cache + work))
 
-    def _too_big(self, dtype, batch, encode_pixels=0, decode_pixels=0, extra=0) -> bool:
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        need = (self.memory_estimate(decode_pixels, dtype, True, batch) if decode_pixels else
-                self.memory_estimate(encode_pixels, dtype, False, batch)) + extra
-        return need > 0.9 * free
+    def _tiled_if_needed(self, tiled, need_bytes: Callable[[], int],
+                         run: Callable[[bool], torch.Tensor]) -> torch.Tensor:
+        """``tiled`` True/False, or "auto": tiles when the estimate exceeds the free GPU
+        memory (never on the CPU), and retries with tiles when the untiled pass runs out."""
+        if tiled not in (True, False, "auto"):
+            raise ValueError(f"tiled: expected True, False or 'auto', found {tiled!r}")
+        if tiled != "auto":
+            return run(bool(tiled))
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            if need_bytes() > 0.9 * free:
+                return run(True)
+        try:
+            return run(False)
+        except torch.cuda.OutOfMemoryError:
+            pass  # retry after the except block: its traceback (and the tensors it holds) is gone then
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return run(True)
