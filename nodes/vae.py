@@ -97,7 +97,9 @@ class WanI2V_Decode:
             host.soft_empty_cache()
         b, c, f, h, w = video.shape
         images = video.permute(0, 2, 3, 4, 1).reshape(b * f, h, w, c)
-        return (images.float().add_(1.0).mul_(0.5).clamp_(0.0, 1.0).cpu(),)
+        # add() (not add_): the decode may hand back an inference-mode tensor, which must not
+        # be modified in place when this node runs outside inference mode (CLI, tests).
+        return (images.float().add(1.0).mul_(0.5).clamp_(0.0, 1.0).cpu(),)
 
 
 NODE_CLASS_MAPPINGS = {"WanI2V_VAELoader": WanI2V_VAELoader, "WanI2V_Decode": WanI2V_Decode}
