@@ -15,6 +15,16 @@ Numerics follow the official model (Wan-Video/Wan2.1 ``wan/modules/model.py``):
   embedding, so padded tokens carry the embedding's bias (as in the official code);
 * RoPE tables are fp32 (never fp64), computed lazily per (grid, device) and cached.
 
+Exact speed-ups (same math; in fp32 within ~1e-7 of the plain formulation, see
+tests/test_dit_speed.py): the residual stream is updated in place (``addcmul_``), norm +
+modulation is one LayerNorm and one ``addcmul`` written straight in the compute dtype,
+q/k RMSNorm + RoPE read the projection once for the statistics and rotate channel pairs as
+complex numbers in place (the per-token RMS scale is applied last, fused with the cast:
+``rope(s * w * x) == s * rope(w * x)`` since ``s`` is one scalar per token), and the text /
+image cross-attention K/V can be computed once per generation (``prepare_context``,
+:mod:`wan.dit_context`). Under ``torch.compile`` the RoPE uses real arithmetic so that
+inductor fuses it.
+
 Hooks used by block swapping / cancellation (``wan/offload.py``, the nodes):
 ``dit.block_swap`` (object with ``before_block(i)`` / ``after_block(i)``) and
 ``dit.interrupt`` (zero-argument callable that raises to cancel), both None by default.
@@ -29,11 +39,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import attention, fast_kernels
 from .configs import DiTConfig
+from .dit_context import KV, ContextCache
 from .quant import Linear
 
 Rope = Tuple[torch.Tensor, torch.Tensor]  # cos, sin: [L, 1, head_dim / 2] fp32
+RopeTables = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # cos, sin, cos + i sin (complex64)
 
 
 class RMSNorm(nn.Module):
@@ -45,9 +57,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(out_dtype or x.dtype)
+        return rms_norm(x, self.weight, self.eps, out_dtype or x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -63,6 +73,66 @@ class LayerNorm(nn.Module):
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()
         return F.layer_norm(x.float(), (self.dim,), w, b, self.eps)
+
+
+# --------------------------------------------------------------------------- fused elementwise work
+# Each full pass over a [B, L, dim] fp32 tensor at 720p (75,600 x 5120) moves ~1.5 GB, so
+# these helpers write every result once, in its final dtype, and read inputs as stored.
+
+def _write(out_dtype: torch.dtype, fresh: torch.Tensor, op, *args: torch.Tensor) -> torch.Tensor:
+    """``op(*args)`` (elementwise, computed in fp32, shaped like ``fresh``) written once in
+    ``out_dtype``: into ``fresh`` itself (an fp32 temporary) when that is the dtype, else
+    into a new tensor. While autograd records, ``out=`` is not allowed: compute, then cast."""
+    if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+        return op(*args).to(out_dtype)
+    out = fresh if out_dtype == fresh.dtype else torch.empty_like(fresh, dtype=out_dtype)
+    return op(*args, out=out)
+
+
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rsqrt(mean(x^2) + eps)`` over the last dim in fp32, shape [..., 1]: one read of x
+    (on CUDA a 16-bit x is read as is, accumulated in fp32)."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return torch.rsqrt(norm.square().div_(x.shape[-1]).add_(eps))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """RMS norm in fp32 (``x * rsqrt(mean(x^2) + eps) * weight``), written once in ``out_dtype``."""
+    y = x * rms_scale(x, eps)  # fp32 (x is promoted as it is read)
+    return _write(out_dtype, y, torch.mul, y, weight.float())
+
+
+def modulated_layer_norm(x: torch.Tensor, eps: float, shift: torch.Tensor, scale: torch.Tensor,
+                         out_dtype: torch.dtype) -> torch.Tensor:
+    """``layer_norm(x) * (1 + scale) + shift`` in fp32 (x fp32 [B, L, D], shift/scale
+    [B, 1, D]), written once in ``out_dtype``."""
+    h = F.layer_norm(x, x.shape[-1:], eps=eps)
+    return _write(out_dtype, h, torch.addcmul, shift, h, scale + 1)
+
+
+def rotate_pairs(y: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of fp32 y [B, L, H, D] by the RoPE angles.
+
+    Eager: in place, as a complex multiply (one pass). Under ``torch.compile``: real
+    arithmetic (same formula, ``a cos - b sin``, ``a sin + b cos``), which inductor fuses
+    with the surrounding norm (it does not fuse complex tensors)."""
+    cos, sin, freqs = rope
+    if torch.compiler.is_compiling():
+        a, b = y.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    torch.view_as_complex(y.unflatten(-1, (-1, 2))).mul_(freqs)
+    return y
+
+
+def rms_norm_rope(x: torch.Tensor, norm: "RMSNorm", rope: RopeTables, heads: int,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """q or k: RMS norm (fp32) then RoPE (fp32), [B, L, dim] -> [B, L, heads, head_dim] in
+    ``out_dtype``. The per-token scale ``s`` commutes with the rotation, so it is applied
+    last, fused with the cast: ``rope(s * w * x) = s * rope(w * x)``."""
+    b, n = x.shape[:2]
+    s = rms_scale(x, norm.eps).unsqueeze(-1)  # [B, L, 1, 1]
+    y = rotate_pairs(torch.mul(x, norm.weight.float()).view(b, n, heads, -1), rope)
+    return _write(out_dtype, y, torch.mul, y, s)
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -115,10 +185,10 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: Rope, backend: Optional[str] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables, backend: Optional[str] = None) -> torch.Tensor:
         b, n, h = x.shape[0], x.shape[1], self.num_heads
-        q = apply_rope(self.norm_q(self.q(x)).view(b, n, h, -1), rope)
-        k = apply_rope(self.norm_k(self.k(x)).view(b, n, h, -1), rope)
+        q = rms_norm_rope(self.q(x), self.norm_q, rope, h, x.dtype)
+        k = rms_norm_rope(self.k(x), self.norm_k, rope, h, x.dtype)
         v = self.v(x).view(b, n, h, -1)
         return self.o(attention(q, k, v, backend).flatten(2))
 
@@ -150,7 +220,7 @@ class CrossAttention(nn.Module):
         b, n, h = x.shape[0], x.shape[1], self.num_heads
         k, v, k_img, v_img = kv
         q = self.norm_q(self.q(x)).view(b, n, h, -1)
-        out = attention(q, k, v, backend) + attention(q, k_img, v_img, backend)
+        out = attention(q, k, v, backend).add_(attention(q, k_img, v_img, backend))
         return self.o(out.flatten(2))
 
 
@@ -166,16 +236,18 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.empty(1, 6, d))
 
-    def forward(self, x: torch.Tensor, e0: torch.Tensor, rope: Rope, context: torch.Tensor,
-                context_img: torch.Tensor, compute_dtype: torch.dtype, backend: Optional[str] = None) -> torch.Tensor:
-        """x [B, L, dim] fp32 residual stream; e0 [B, 6, dim] fp32 time projection."""
+    def forward(self, x: torch.Tensor, e0: torch.Tensor, rope: RopeTables, kv: KV,
+                compute_dtype: torch.dtype, backend: Optional[str] = None) -> torch.Tensor:
+        """x [B, L, dim] fp32 residual stream, updated IN PLACE and returned; e0 [B, 6, dim]
+        fp32 time projection; kv: this block's cross-attention K/V (``ContextCache.block_kv``)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
-        h = self.norm1(x) * (1 + scale1) + shift1
-        x = x + self.self_attn(h.to(compute_dtype), rope, backend).float() * gate1
-        kv = self.cross_attn.context_kv(context, context_img)
-        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), kv, backend).float()
-        h = self.norm2(x) * (1 + scale2) + shift2
-        return x + self.ffn(h.to(compute_dtype)).float() * gate2
+        h = modulated_layer_norm(x, self.norm1.eps, shift1, scale1, compute_dtype)
+        x.addcmul_(self.self_attn(h, rope, backend), gate1)  # the 16-bit output is read as fp32
+        x.add_(self.cross_attn(self.norm3(x).to(compute_dtype), kv, backend))
+        h = modulated_layer_norm(x, self.norm2.eps, shift2, scale2, compute_dtype)
+        up, act, down = self.ffn
+        h = up(h)
+        return x.addcmul_(down(torch.ops.aten.gelu_(h, approximate=act.approximate)), gate2)
 
 
 class Head(nn.Module):
@@ -187,7 +259,7 @@ class Head(nn.Module):
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.modulation.float() + e[:, None]).unsqueeze(2).unbind(1)
-        return self.head(self.norm(x) * (1 + scale) + shift)  # fp32, as the official head
+        return self.head(modulated_layer_norm(x, self.norm.eps, shift, scale, torch.float32))  # fp32, as official
 
 
 class ImageEmbedding(nn.Module):
@@ -230,9 +302,15 @@ class WanDiT(nn.Module):
     # ----- pieces of the forward (kept separate so caches/offload can hook in)
 
     def rope(self, grid: Tuple[int, int, int], device: torch.device) -> Rope:
+        """cos, sin [f*h*w, 1, head_dim/2] fp32 for a token grid (cached)."""
+        return self.rope_tables(grid, device)[:2]
+
+    def rope_tables(self, grid: Tuple[int, int, int], device: torch.device) -> RopeTables:
+        """cos, sin and ``cos + i sin`` (complex64) for a token grid, cached per (grid, device)."""
         key = (tuple(grid), str(device))
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_table(grid, self.config.head_dim, device)
+            cos, sin = rope_table(grid, self.config.head_dim, device)
+            self._rope_cache[key] = (cos, sin, torch.complex(cos, sin))
         return self._rope_cache[key]
 
     def embed_inputs(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
@@ -241,7 +319,7 @@ class WanDiT(nn.Module):
         w, b = self.patch_embedding.weight, self.patch_embedding.bias
         h = F.conv3d(xy, w.to(xy.device, torch.float32), b.to(xy.device, torch.float32), stride=self.config.patch_size)
         grid = tuple(h.shape[2:])
-        return h.flatten(2).transpose(1, 2), grid
+        return h.flatten(2).transpose(1, 2).contiguous(), grid  # the blocks update it in place
 
     def embed_time(self, t: torch.Tensor, batch: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """t [B] (sigma * 1000) -> e [B, dim] (for the head), e0 [B, 6, dim] (blocks), fp32."""
@@ -274,17 +352,53 @@ class WanDiT(nn.Module):
             clip_fea = clip_fea.expand(batch, -1, -1)
         return text, self.img_emb(clip_fea, cd)
 
-    def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, rope: Rope, context: torch.Tensor,
-                   context_img: torch.Tensor) -> torch.Tensor:
+    def prepare_context(self, context: Union[torch.Tensor, List[torch.Tensor]], clip_fea: torch.Tensor,
+                        batch: Optional[int] = None, device=None, keep: bool = True) -> ContextCache:
+        """The conditioning of a generation, embedded once: pass the result as ``context``
+        (with ``clip_fea=None``) to every forward of the generation; the per-block
+        cross-attention K/V are computed at the first forward and reused (see
+        :mod:`wan.dit_context`). ``context``/``clip_fea`` as for :meth:`forward`; ``batch``
+        defaults to the number of texts; ``device`` to the compute device (where the patch
+        embedding is, also with block swapping). ``keep=False``: no reuse (the plain forward).
+        """
+        if clip_fea is None:
+            raise ValueError("WanDiT.prepare_context: clip_fea (CLIP image features) is required")
+        if batch is None:
+            batch = len(context) if isinstance(context, (list, tuple)) else context.shape[0]
+        if device is None:
+            device = self.patch_embedding.weight.device
+        text, image = self.embed_context(context, clip_fea, batch, torch.device(device))
+        return ContextCache(text, image, len(self.blocks), owner=self, keep=keep)
+
+    def _check_context_cache(self, ctx: ContextCache, batch: int, device: torch.device) -> ContextCache:
+        if ctx.owner is not self:
+            raise ValueError("WanDiT: this ContextCache was prepared by another model")
+        if ctx.batch != batch:
+            raise ValueError(f"WanDiT: a ContextCache of batch {ctx.batch} for a batch of {batch} "
+                             "(use ctx.select(rows) for some rows)")
+        if ctx.dtype != self.compute_dtype or ctx.device != device:
+            raise ValueError(f"WanDiT: ContextCache in {ctx.dtype} on {ctx.device}, the model computes in "
+                             f"{self.compute_dtype} on {device}: prepare it again")
+        return ctx
+
+    def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, rope: RopeTables, ctx: ContextCache) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             if self.interrupt is not None:
                 self.interrupt()
             if self.block_swap is not None:
                 self.block_swap.before_block(i)
-            x = block(x, e0, rope, context, context_img, self.compute_dtype, self.attention_backend)
+            kv = ctx.block_kv(i, block)  # inside the hooks: the block's weights are on the device
+            x = block(x, e0, rope, kv, self.compute_dtype, self.attention_backend)
             if self.block_swap is not None:
                 self.block_swap.after_block(i)
         return x
+
+    def compile_blocks(self, **compile_kwargs) -> "WanDiT":
+        """``torch.compile`` each block in place (off by default; see :func:`wan.speed.compile_blocks`,
+        e.g. ``mode="max-autotune-no-cudagraphs"``). Works with block swapping."""
+        from .speed import compile_blocks
+
+        return compile_blocks(self, **compile_kwargs)
 
     def unpatchify(self, x: torch.Tensor, grid: Tuple[int, int, int]) -> torch.Tensor:
         """[B, f*h*w, pt*ph*pw*C] -> [B, C, f*pt, h*ph, w*pw]."""
@@ -294,19 +408,27 @@ class WanDiT(nn.Module):
 
     # ----- the forward
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context, clip_fea: torch.Tensor,
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context, clip_fea: Optional[torch.Tensor],
                 y: torch.Tensor) -> torch.Tensor:
         """x [B,16,T,H,W] noisy latent; t [B] timesteps (sigma*1000); context [B,L<=512,4096]
-        or a list of [L_i,4096]; clip_fea [B,257,1280]; y [B,20,T,H,W] (4 mask + 16 image
-        latent channels). Returns the flow velocity [B,16,T,H,W] in fp32."""
-        if y is None or clip_fea is None:
+        or a list of [L_i,4096], or a :class:`ContextCache` from :meth:`prepare_context` (then
+        ``clip_fea=None``); clip_fea [B,257,1280]; y [B,20,T,H,W] (4 mask + 16 image latent
+        channels). Returns the flow velocity [B,16,T,H,W] in fp32."""
+        cached = isinstance(context, ContextCache)
+        if y is None or (clip_fea is None and not cached):
             raise ValueError("WanDiT (image-to-video) needs y (mask + image latent) and clip_fea")
+        if cached and clip_fea is not None:
+            raise ValueError("WanDiT: clip_fea must be None with a ContextCache (the image features are in it)")
         if x.shape[1] + y.shape[1] != self.config.in_dim:
             raise ValueError(f"WanDiT: x has {x.shape[1]} and y {y.shape[1]} channels; "
                              f"together {self.config.in_dim} expected")
         batch, device = x.shape[0], x.device
         tokens, grid = self.embed_inputs(x, y)
         e, e0 = self.embed_time(t, batch, device)
-        context, context_img = self.embed_context(context, clip_fea, batch, device)
-        tokens = self.run_blocks(tokens, e0, self.rope(grid, device), context, context_img)
+        if cached:
+            ctx = self._check_context_cache(context, batch, device)
+        else:
+            ctx = self.prepare_context(context, clip_fea, batch, device, keep=False)
+        with fast_kernels(device, self.compute_dtype):
+            tokens = self.run_blocks(tokens, e0, self.rope_tables(grid, device), ctx)
         return self.unpatchify(self.head(tokens, e).float(), grid)
