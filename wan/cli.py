@@ -117,8 +117,11 @@ def read_request(path: str) -> Dict:
 def merge_request(args: argparse.Namespace) -> Dict:
     """The effective parameters: API defaults < request file < command-line flags."""
     params = dict(API_DEFAULTS)
+    given = set()
     if args.request:
-        params.update(read_request(args.request))
+        request = read_request(args.request)
+        params.update(request)
+        given |= set(request)
     flag_map = {"prompt": "prompt", "negative_prompt": "negative_prompt", "image": "image_url",
                 "num_frames": "num_frames", "frames_per_second": "frames_per_second", "seed": "seed",
                 "resolution": "resolution", "num_inference_steps": "num_inference_steps",
@@ -128,6 +131,8 @@ def merge_request(args: argparse.Namespace) -> Dict:
         value = getattr(args, flag)
         if value is not None:
             params[field] = value
+            given.add(field)
+    params["_given"] = sorted(given)
     if not args.demo:
         if not params["prompt"]:
             raise CLIError("a prompt is required (--prompt, or 'prompt' in the --request file)")
@@ -235,42 +240,64 @@ class ProgressBar:
 def run(argv: Optional[list] = None) -> Dict:
     import torch
 
+    from .defaults import DEBUG_SIZE_ENV, parse_debug_size
     from .pipeline import I2VPipeline
     from .video import safe_output_path, write_video
 
     args = build_parser().parse_args(argv)
     params = merge_request(args)
+    debug_size = parse_debug_size(os.environ.get(DEBUG_SIZE_ENV))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     progress = ProgressBar(not args.quiet)
-    extra = {}
-    if args.demo:
-        from .demo import demo_components
 
-        pipe, demo_image, extra = demo_components(device=device, compute_dtype=dtype)
-        image = load_image(params["image_url"]) if params["image_url"] else demo_image
-        params["prompt"] = params["prompt"] or "a cat surfing a wave at sunset"
-    else:
-        paths = find_models(args)
-        image = load_image(params["image_url"])
-        pipe = I2VPipeline.from_files(paths, tokenizer=args.tokenizer, device=device, compute_dtype=dtype)
-
-    result = pipe.generate(
-        image, params["prompt"], negative_prompt=params["negative_prompt"],
-        num_frames=int(params["num_frames"]), resolution=extra.get("resolution", params["resolution"]),
-        aspect_ratio=params["aspect_ratio"], num_inference_steps=int(params["num_inference_steps"]),
-        guide_scale=float(params["guide_scale"]), shift=float(params["shift"]), seed=params["seed"],
-        solver=args.solver, acceleration=params["acceleration"],
-        callback=lambda done, total: progress("sampling", done, total))
+    # Cheap checks first: the output name, the models, the image; then the slow loading.
     out_dir = args.output_dir or os.environ.get("WAN_I2V_OUTPUT_DIR") or os.path.join(os.getcwd(), "output")
     ext = {"h264": "mp4", "h265": "mp4", "vp9": "webm", "webp": "webp", "gif": "gif"}[args.codec]
-    path = safe_output_path(out_dir, args.filename_prefix, ext)
-    write_video(result.frames, path, fps=int(params["frames_per_second"]), codec=args.codec,
-                metadata={"prompt": json.dumps({k: v for k, v in params.items() if k != "image_url"}
-                                               | {"seed": result.seed})})
-    response = {"video": {"url": "file://" + os.path.abspath(path)}, "seed": int(result.seed)}
-    return response
+    path = safe_output_path(out_dir, args.filename_prefix, ext)  # reserves the name (an empty file)
+    try:
+        resolution, num_frames = params["resolution"], int(params["num_frames"])
+        if args.demo:
+            from .demo import demo_components
+
+            image = load_image(params["image_url"]) if params["image_url"] else None
+            pipe, demo_image, extra = demo_components(device=device, compute_dtype=dtype)
+            image = image if image is not None else demo_image
+            params["prompt"] = params["prompt"] or "a cat surfing a wave at sunset"
+            resolution = extra["resolution"]  # a small pixel area: the models are tiny and random
+            print("demo: tiny random models (no download); the video shows noise, not a picture: it "
+                  "proves the install and the whole path work", file=sys.stderr)
+            if "num_inference_steps" not in params["_given"]:
+                params["num_inference_steps"] = extra["num_inference_steps"]
+        else:
+            paths = find_models(args)
+            image = load_image(params["image_url"])
+            pipe = I2VPipeline.from_files(paths, tokenizer=args.tokenizer, device=device, compute_dtype=dtype)
+        kwargs = dict(negative_prompt=params["negative_prompt"], aspect_ratio=params["aspect_ratio"],
+                      num_inference_steps=int(params["num_inference_steps"]),
+                      guide_scale=float(params["guide_scale"]), shift=float(params["shift"]),
+                      seed=params["seed"], solver=args.solver, acceleration=params["acceleration"],
+                      callback=lambda done, total: progress("sampling", done, total))
+        if debug_size is not None:  # tiny test runs: any 4k+1 frame count, an explicit pixel area
+            w, h, f = debug_size
+            print(f"note: {DEBUG_SIZE_ENV} is set: a {w}x{h} pixel area and {f} frames "
+                  f"(a debug setting)", file=sys.stderr)
+            resolution, num_frames = (w, h), f
+            result = pipe.run(image, params["prompt"], num_frames=f, resolution=(w, h), **kwargs)
+        else:
+            result = pipe.generate(image, params["prompt"], num_frames=num_frames, resolution=resolution,
+                                   **kwargs)
+        meta = {k: v for k, v in params.items() if k not in ("image_url", "_given")}
+        if not isinstance(resolution, str):  # the demo's or the debug setting's pixel area
+            meta.update(resolution=f"{resolution[0]}x{resolution[1]} pixel area", num_frames=num_frames)
+        write_video(result.frames, path, fps=int(params["frames_per_second"]), codec=args.codec,
+                    metadata={"prompt": json.dumps({**meta, "seed": result.seed})})
+    except BaseException:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            os.remove(path)  # the reserved name, never written
+        raise
+    return {"video": {"url": "file://" + os.path.abspath(path)}, "seed": int(result.seed)}
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -50,7 +50,7 @@ _CORPUS_EXTRA = ("a cat surfing a wave at sunset, the camera follows the surfer.
                  "the trees and the water sparkles in the sun")
 
 # Demo generation settings: a small pixel area and few steps (81 frames is the API minimum).
-DEMO_AREA = (256, 256)
+DEMO_AREA = (128, 128)
 DEMO_STEPS = 4
 
 
