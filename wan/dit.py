@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention, fast_kernels
+from .attention import attention, fast_kernels, resolve_backend
 from .configs import DiTConfig
 from .dit_context import KV, ContextCache
 from .quant import Linear
@@ -381,14 +381,15 @@ class WanDiT(nn.Module):
                              f"{self.compute_dtype} on {device}: prepare it again")
         return ctx
 
-    def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, rope: RopeTables, ctx: ContextCache) -> torch.Tensor:
+    def run_blocks(self, x: torch.Tensor, e0: torch.Tensor, rope: RopeTables, ctx: ContextCache,
+                   backend: Optional[str] = None) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
             if self.interrupt is not None:
                 self.interrupt()
             if self.block_swap is not None:
                 self.block_swap.before_block(i)
             kv = ctx.block_kv(i, block)  # inside the hooks: the block's weights are on the device
-            x = block(x, e0, rope, kv, self.compute_dtype, self.attention_backend)
+            x = block(x, e0, rope, kv, self.compute_dtype, backend or self.attention_backend)
             if self.block_swap is not None:
                 self.block_swap.after_block(i)
         return x
@@ -429,6 +430,7 @@ class WanDiT(nn.Module):
             ctx = self._check_context_cache(context, batch, device)
         else:
             ctx = self.prepare_context(context, clip_fea, batch, device, keep=False)
+        backend = resolve_backend(self.attention_backend, device, self.compute_dtype)
         with fast_kernels(device, self.compute_dtype):
-            tokens = self.run_blocks(tokens, e0, self.rope_tables(grid, device), ctx)
+            tokens = self.run_blocks(tokens, e0, self.rope_tables(grid, device), ctx, backend)
         return self.unpatchify(self.head(tokens, e).float(), grid)
