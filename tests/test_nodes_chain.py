@@ -15,6 +15,7 @@ from wan_i2v.wan.demo import TINY_FILES, demo_image, write_tiny_models
 
 DEBUG_SIZE = "64x64x5"
 PROMPT = "a cat surfing a wave at sunset"
+CALLED = set()  # node ids called through call(), checked at the end of the chain test
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,7 @@ def defaults(node_id: str) -> dict:
 
 def call(node_id: str, **links):
     cls = NODE_CLASS_MAPPINGS[node_id]
+    CALLED.add(node_id)
     kwargs = {**defaults(node_id), **links}
     with torch.inference_mode():  # as ComfyUI's executor runs every node
         result = getattr(cls(), cls.FUNCTION)(**kwargs)
@@ -115,6 +117,8 @@ def test_chain_equals_all_in_one_and_saves_a_video(loaded, tmp_path):
         assert float(s.average_rate) == 16.0
         assert "WanI2V_Generate" in c.metadata.get("prompt", "")
     assert len(decoded) == 5 and decoded[0].shape == (64, 48, 3)
+    # a node added to the pack must be exercised here too
+    assert CALLED == set(NODE_CLASS_MAPPINGS), f"not exercised: {sorted(set(NODE_CLASS_MAPPINGS) - CALLED)}"
 
 
 def test_generate_inputs_are_the_hosted_api_parameters():
