@@ -8,6 +8,7 @@ import torch
 from . import host
 from ..wan.attention import BACKENDS
 from ..wan.loaders.dit import load_dit
+from ..wan.offload import MemorySettings
 
 WEIGHT_DTYPES = ("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2")
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -47,9 +48,25 @@ class WanI2V_ModelLoader:
                            "on the GPU). flash: flash-attn 2/3, sage: SageAttention (faster, "
                            "approximate) when installed; otherwise PyTorch's is used, with a "
                            "note in the log."}),
+        }, "optional": {
+            "blocks_to_swap": ("INT", {
+                "default": -1, "min": -1, "max": 40,
+                "tooltip": "Transformer blocks kept in CPU memory and streamed to the GPU one block "
+                           "ahead of compute (the copies overlap the compute). -1: automatic, only "
+                           "as many as needed to fit the VRAM budget; 0: keep the whole model on the GPU."}),
+            "vram_budget_gb": ("FLOAT", {
+                "default": 0.0, "min": 0.0, "max": 1024.0, "step": 0.5,
+                "tooltip": "GPU memory the diffusion model may use while sampling, in GiB. "
+                           "0: whatever is free when sampling starts (after ComfyUI unloads other models)."}),
+            "fp8_matmul": (["auto", "on", "off"], {
+                "default": "auto",
+                "tooltip": "For fp8 weights: multiply in fp8 (about 2x faster matrix products on "
+                           "RTX 40xx / H100 and newer, slightly less exact). auto: where the GPU supports "
+                           "it; off: dequantize each layer to the compute dtype instead."}),
         }}
 
-    def load(self, model_name, weight_dtype, compute_dtype, attention):
+    def load(self, model_name, weight_dtype, compute_dtype, attention, blocks_to_swap=-1,
+             vram_budget_gb=0.0, fp8_matmul="auto"):
         if weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype: expected one of {list(WEIGHT_DTYPES)}, found {weight_dtype!r}")
         if compute_dtype not in COMPUTE_DTYPES:
@@ -57,6 +74,10 @@ class WanI2V_ModelLoader:
         model = load_dit(host.model_path("diffusion_models", model_name), dtype=weight_dtype,
                          device=host.offload_device(), compute_dtype=COMPUTE_DTYPES[compute_dtype],
                          attention=attention)
+        model.memory_settings = MemorySettings(
+            block_swap="auto" if blocks_to_swap < 0 else ("off" if blocks_to_swap == 0 else int(blocks_to_swap)),
+            vram_budget_gb=vram_budget_gb or None,
+            fp8_compute={"auto": "auto", "on": True, "off": False}[fp8_matmul])
         return (model,)
 
 

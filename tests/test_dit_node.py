@@ -69,3 +69,17 @@ def test_node_reports_a_missing_file(models):
     cls = NODE_CLASS_MAPPINGS["WanI2V_ModelLoader"]
     with pytest.raises(FileNotFoundError, match="gone.safetensors.*models/diffusion_models"):
         cls().load("gone.safetensors", "auto", "bf16", "auto")
+
+
+def test_node_memory_options(models):
+    cls = NODE_CLASS_MAPPINGS["WanI2V_ModelLoader"]
+    optional = cls.INPUT_TYPES()["optional"]
+    assert all("tooltip" in opts for _, opts in optional.values())
+    (model,) = cls().load("wan2.1_i2v_tiny_fp16.safetensors", "auto", "fp32", "auto")
+    assert (model.memory_settings.block_swap, model.memory_settings.vram_budget_gb) == ("auto", None)
+    (model,) = cls().load("wan2.1_i2v_tiny_fp16.safetensors", "auto", "fp32", "auto",
+                          blocks_to_swap=1, vram_budget_gb=10.0, fp8_matmul="off")
+    s = model.memory_settings
+    assert (s.block_swap, s.vram_budget_gb, s.fp8_compute) == (1, 10.0, False)
+    (model,) = cls().load("wan2.1_i2v_tiny_fp16.safetensors", "auto", "fp32", "auto", blocks_to_swap=0)
+    assert model.memory_settings.block_swap == "off"

@@ -163,3 +163,37 @@ def test_budget_for_the_14b_model():
     assert 0 < s480_fp8 < s480_bf16 < 40 and 0 < s720_fp8 < s720_fp8_cfg <= 40
     assert choose_blocks_to_swap(bf16, 80, 32760) == 0
     assert estimate_vram_bytes(fp8, 75600, s720_fp8) <= 24 * 2 ** 30
+
+
+@pytest.fixture(scope="module")
+def meta_14b_fp8():
+    with torch.device("meta"):
+        dit = WanDiT(WAN21_I2V_14B).to(torch.bfloat16)
+    for b in dit.blocks:
+        for m in b.modules():
+            if hasattr(m, "weight_scale"):
+                m.weight.data = torch.empty(m.weight.shape, dtype=torch.float8_e4m3fn, device="meta")
+    return dit
+
+
+def test_plan_prefers_batching_then_fewest_swapped_blocks(meta_14b_fp8):
+    dit, plan, settings = meta_14b_fp8, offload.plan_placement, offload.MemorySettings()
+    assert plan(dit, "cuda", 32760, True, settings, budget_gib=80) == (0, True)  # all resident, batched
+    blocks, batched = plan(dit, "cuda", 75600, True, settings, budget_gib=24)  # 720p on a 24 GiB card
+    assert not batched and 0 < blocks < 40
+    assert offload.estimate_vram_bytes(dit, 75600, blocks, 1) <= 24 * 2 ** 30
+    assert offload.estimate_vram_bytes(dit, 75600, blocks - 1, 1) > 24 * 2 ** 30  # no more than needed
+    assert plan(dit, "cuda", 32760, False, settings, budget_gib=80) == (0, False)  # no guidance: batch 1
+
+
+def test_plan_honours_fixed_settings(meta_14b_fp8):
+    dit, plan = meta_14b_fp8, offload.plan_placement
+    assert plan(dit, "cuda", 32760, True, offload.MemorySettings(block_swap=12, batch_cfg=False),
+                budget_gib=80) == (12, False)
+    assert plan(dit, "cuda", 32760, True, offload.MemorySettings(block_swap="off"), budget_gib=80) == (0, True)
+    assert plan(dit, "cpu", 75600, True, offload.MemorySettings(), budget_gib=1) == (0, True)  # CPU: nothing to swap
+    with pytest.raises(ValueError, match="the model has 40 blocks"):
+        plan(dit, "cuda", 32760, True, offload.MemorySettings(block_swap=41), budget_gib=80)
+    for bad in (dict(block_swap="sometimes"), dict(block_swap=-1), dict(vram_budget_gb=0)):
+        with pytest.raises(ValueError):
+            offload.MemorySettings(**bad)

@@ -32,7 +32,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict, deque
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -105,7 +106,18 @@ def estimate_vram_bytes(dit: nn.Module, tokens: int, blocks_swapped: int, batch:
     resident = sum(block_bytes[: n - blocks_swapped])
     slot_bytes = min(slots, blocks_swapped) * (max(swapped) if swapped else 0)
     return (other + resident + slot_bytes + estimate_activation_bytes(dit, tokens, batch)
-            + int(reserve_gb * GiB))
+            + context_cache_bytes(dit, batch) + int(reserve_gb * GiB))
+
+
+def context_cache_bytes(dit: nn.Module, batch: int = 1) -> int:
+    """The per-generation cross-attention K/V cache (wan/dit_context.py): per block, K and
+    V of the text and the image tokens, in the compute dtype."""
+    cfg = getattr(dit, "config", None)
+    if cfg is None or not hasattr(cfg, "text_len"):
+        return 0
+    c = torch.empty((), dtype=getattr(dit, "compute_dtype", torch.bfloat16)).element_size()
+    image_tokens = 257  # CLIP ViT-H/14 at 224 px: 16 x 16 patches + the class token
+    return len(dit.blocks) * 2 * (cfg.text_len + image_tokens) * cfg.dim * c * batch
 
 
 def choose_blocks_to_swap(dit: nn.Module, vram_budget_gb: float, tokens: int, batch: int = 1,
@@ -429,3 +441,69 @@ class BlockSwap:
         if _is_cuda(self.device):
             torch.cuda.synchronize(self.device)
         self._pending, self._timings = [], defaultdict(lambda: defaultdict(list))
+
+
+# ---------------------------------------------------------------------------------------
+# where the DiT goes for a generation
+
+@dataclass
+class MemorySettings:
+    """How a DiT is placed for sampling (set by the model loader node / command line on
+    ``dit.memory_settings``; read by the pipeline).
+
+    ``block_swap``: "auto" (swap only as many blocks as needed to fit ``vram_budget_gb``),
+    "off", or a number of blocks. ``vram_budget_gb``: GiB the DiT may use (None: the device's
+    free memory). ``fp8_compute``: fp8 matmuls for fp8 weights: "auto" (where supported),
+    True, False. ``batch_cfg``: run the conditional and unconditional passes as one batch:
+    "auto" (when it fits), True, False.
+    """
+
+    block_swap: Union[str, int] = "auto"
+    vram_budget_gb: Optional[float] = None
+    fp8_compute: Union[str, bool] = "auto"
+    batch_cfg: Union[str, bool] = "auto"
+
+    def __post_init__(self):
+        if not (self.block_swap in ("auto", "off") or (isinstance(self.block_swap, int) and self.block_swap >= 0)):
+            raise ValueError(f"block_swap={self.block_swap!r}: expected 'auto', 'off' or a number of blocks")
+        if self.vram_budget_gb is not None and self.vram_budget_gb <= 0:
+            raise ValueError(f"vram_budget_gb={self.vram_budget_gb}: expected a positive number of GiB (or none)")
+
+
+def available_vram_gib(device: torch.device, already_there: int = 0) -> float:
+    """Free memory on a CUDA ``device`` (plus ``already_there`` bytes the model holds), GiB."""
+    free, _ = torch.cuda.mem_get_info(device)
+    reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return (free + reserved_unused + already_there) / GiB
+
+
+def plan_placement(dit: nn.Module, device: torch.device, tokens: int, guidance: bool,
+                   settings: MemorySettings, budget_gib: Optional[float] = None) -> Tuple[int, bool]:
+    """``(blocks to swap, batch the two guidance passes)`` for one generation.
+
+    Prefers batching the passes (faster) and as few swapped blocks as possible; drops the
+    batching first when it does not fit. ``budget_gib`` defaults to the settings' budget,
+    else the device's free memory. On the CPU nothing is swapped."""
+    n = len(dit.blocks)
+    fixed = {"off": 0, "auto": None}.get(settings.block_swap, settings.block_swap)
+    if fixed is not None and fixed > n:
+        raise ValueError(f"block_swap={fixed}: the model has {n} blocks")
+    if settings.batch_cfg == "auto":
+        batches = [2, 1] if guidance else [1]
+    else:
+        batches = [2 if guidance and settings.batch_cfg else 1]
+    if torch.device(device).type != "cuda":
+        return fixed or 0, batches[0] == 2
+    budget = budget_gib or settings.vram_budget_gb
+    if budget is None:
+        budget = available_vram_gib(torch.device(device))
+    for batch in batches:
+        candidates = [fixed] if fixed is not None else range(n + 1)
+        for blocks in candidates:
+            if estimate_vram_bytes(dit, tokens, blocks, batch) <= budget * GiB:
+                return blocks, batch == 2
+    blocks = n if fixed is None else fixed
+    log.warning("the DiT needs about %.1f GiB (%d tokens) even with %d of %d blocks swapped; %.1f GiB "
+                "available: expect out-of-memory errors", estimate_vram_bytes(dit, tokens, blocks, batches[-1]) / GiB,
+                tokens, blocks, n, budget)
+    return blocks, batches[-1] == 2

@@ -27,6 +27,7 @@ import torch
 
 from . import conditioning as C
 from .defaults import DEFAULT_NEGATIVE_PROMPT, GUIDE_SCALE_RANGE, SHIFT_RANGE, STEPS_RANGE
+from .dit_context import make_model_fn
 from .embed_cache import TextEmbeds  # WAN_TEXT_EMBEDS: .positive / .negative [L, 4096] on the CPU
 
 log = logging.getLogger(__name__)
@@ -148,23 +149,36 @@ def dit_memory_estimate(dit, cond: "I2VCondition", guide_scale: float = 5.0) -> 
     return weights + acts
 
 
-def _place_dit(dit, device: torch.device) -> torch.device:
-    """Put the DiT on ``device`` for sampling; returns where it was (for :func:`_release_dit`).
-    The single place that decides DiT placement (block swapping hooks in here)."""
+def _place_dit(dit, device: torch.device, tokens: int, guidance: bool) -> bool:
+    """Put the DiT on ``device`` for sampling, whole or with some blocks streamed from host
+    memory (``dit.memory_settings``, see ``offload.MemorySettings``), and select fp8 matmuls
+    where they apply. Returns whether the two guidance passes run as one batch.
+    The single place that decides DiT placement; :func:`_release_dit` undoes it."""
+    from .offload import BlockSwap, MemorySettings, plan_placement
+    from .quant import set_fp8_compute
+
+    settings = getattr(dit, "memory_settings", None) or MemorySettings()
     home = _module_device(dit)
-    if home != device:
+    blocks, batch_cfg = plan_placement(dit, device, tokens, guidance, settings)
+    swap = None
+    if blocks:
+        swap = BlockSwap(dit, blocks_on_cpu=blocks, device=device).install()
+    elif home != device:
         dit.to(device)
-    dit._pipeline_home = home
-    return home
+    set_fp8_compute(dit, settings.fp8_compute, device)
+    dit._pipeline_home, dit._pipeline_swap = home, swap
+    return batch_cfg
 
 
 def _release_dit(dit) -> None:
     """Undo :func:`_place_dit`: the DiT back where it was, the CUDA cache emptied."""
-    home = getattr(dit, "_pipeline_home", None)
+    home, swap = getattr(dit, "_pipeline_home", None), getattr(dit, "_pipeline_swap", None)
     used = _module_device(dit)
-    if home is not None and home != used:
+    if swap is not None:
+        swap.uninstall(to=home)
+    elif home is not None and home != used:
         dit.to(home)
-    dit._pipeline_home = None
+    dit._pipeline_home = dit._pipeline_swap = None
     _free_cache(used)
 
 
@@ -264,13 +278,14 @@ def sample(dit, cond: I2VCondition, text: TextEmbeds, num_inference_steps: int =
            solver: str = "unipc", acceleration: str = "regular", device=None,
            callback: Optional[Callable[[int, int, torch.Tensor], None]] = None,
            interrupt: Interrupt = None, noise: Optional[torch.Tensor] = None,
-           schedule: Optional[str] = None, batch_cfg: bool = True):
+           schedule: Optional[str] = None, batch_cfg: Optional[bool] = None):
     """Denoise from the seed's noise to the final latent.
 
     Returns ``(latent [16, T, h, w] fp32 CPU, seed, step report)``. ``callback(done, total,
     latent)`` after every step; ``interrupt()`` (raises to cancel) is checked before every
     DiT block and every step. ``noise`` replaces the seed's noise (tests); ``schedule``
-    picks the sigma grid of another reference (see ``sampling.sigma_schedule``).
+    picks the sigma grid of another reference (see ``sampling.sigma_schedule``);
+    ``batch_cfg`` (None: decided by the placement plan) batches the two guidance passes.
     """
     from . import sampling
     from .cache import StepCache
@@ -287,15 +302,14 @@ def sample(dit, cond: I2VCondition, text: TextEmbeds, num_inference_steps: int =
     cache = StepCache(acceleration, steps, resolution=cond.width * cond.height)
 
     old_interrupt = getattr(dit, "interrupt", None)
-    _place_dit(dit, device)
+    tokens = math.prod(cond.latent_shape[1:]) // math.prod(dit.config.patch_size)
+    planned_batch_cfg = _place_dit(dit, device, tokens, guidance=guide_scale != 1)
     try:
         dit.interrupt = interrupt
         contexts, y, clip_fea = _branch_inputs(cond, text, device)
-
-        def model_fn(x, t, branches):
-            b = x.shape[0]
-            return dit(x, t, [contexts[name] for name in branches], clip_fea.expand(b, -1, -1),
-                       y.expand(b, -1, -1, -1, -1))
+        # Text/image K/V are computed once for the whole generation (wan/dit_context.py).
+        model_fn = make_model_fn(dit, contexts["cond"], contexts["uncond"] if guide_scale != 1 else None,
+                                 clip_fea, y)
 
         def check():
             if interrupt is not None:
@@ -303,7 +317,8 @@ def sample(dit, cond: I2VCondition, text: TextEmbeds, num_inference_steps: int =
             return False
 
         latent, report = sampling.sample(model_fn, noise.to(device), the_solver, guide_scale, cache,
-                                         batch_cfg=batch_cfg, callback=callback, interrupt=check)
+                                         batch_cfg=planned_batch_cfg if batch_cfg is None else batch_cfg,
+                                         callback=callback, interrupt=check)
         latent = latent.float().cpu()
     finally:
         dit.interrupt = old_interrupt
