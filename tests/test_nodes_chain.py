@@ -163,3 +163,26 @@ def test_debug_size_setting(monkeypatch):
     for bad in ("64x64", "64x64x4", "8x64x5", "axbxc"):
         with pytest.raises(ValueError, match="WAN_I2V_DEBUG_SIZE"):
             parse_debug_size(bad)
+
+
+def test_tiny_models_are_reproducible_and_in_comfyui_layouts(models_dir, tmp_path):
+    from safetensors import safe_open
+
+    again = write_tiny_models(str(tmp_path))
+    for slot, path in again.items():
+        with open(path, "rb") as a, open(os.path.join(models_dir, *TINY_FILES[slot]), "rb") as b:
+            assert a.read() == b.read(), f"{slot}: same seed, different bytes"
+    with safe_open(again["dit"], "pt") as f:  # official names, no prefix; patch embedding fp32
+        assert "head.modulation" in f.keys() and f.get_slice("patch_embedding.weight").get_dtype() == "F32"
+        assert f.get_slice("blocks.0.self_attn.q.weight").get_dtype() == "F16"
+    with safe_open(again["text_encoder"], "pt") as f:  # HF T5 names + the embedded tokenizer
+        keys = set(f.keys())
+        assert {"shared.weight", "encoder.final_layer_norm.weight", "spiece_model",
+                "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"} <= keys
+        assert f.get_slice("spiece_model").get_dtype() == "U8"
+    with safe_open(again["clip_vision"], "pt") as f:  # transformers CLIPVisionModelWithProjection names
+        keys = set(f.keys())
+        assert {"vision_model.embeddings.position_ids", "vision_model.post_layernorm.weight",
+                "visual_projection.weight", "vision_model.encoder.layers.0.self_attn.q_proj.weight"} <= keys
+    with safe_open(again["vae"], "pt") as f:
+        assert {"conv1.weight", "conv2.weight", "decoder.middle.0.residual.0.gamma"} <= set(f.keys())

@@ -185,7 +185,8 @@ def write_tiny_models(models_dir: str, seed: int = 0, names: Optional[Dict[str, 
         path = os.path.join(models_dir, folder, names.get(slot, default_name))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tensors = {k: v.contiguous() for k, v in builders[slot]().items()}
-        save_file(tensors, path, metadata={"format": "pt", "wan_i2v_demo": "tiny random weights"})
+        # one metadata entry: safetensors writes several in no fixed order (same seed, same bytes)
+        save_file(tensors, path, metadata={"wan_i2v_demo": f"tiny random weights, seed {seed}"})
         paths[slot] = path
     return paths
 
