@@ -12,7 +12,6 @@ Run from the repository root (the pack is imported as ``wan_i2v``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -20,17 +19,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pack_import import import_pack  # noqa: E402
 
-
-def import_pack():
-    if "wan_i2v" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "wan_i2v", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules["wan_i2v"] = pack
-        spec.loader.exec_module(pack)
-    return sys.modules["wan_i2v"]
 
 
 def random_source(cfg, device):

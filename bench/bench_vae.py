@@ -21,24 +21,16 @@ import json
 import os
 import sys
 import time
-import types
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pack_import import import_pack  # noqa: E402
 
 
-def _import_pack():
-    """The repository root is the ComfyUI pack (relative imports). Import only its ``wan``
-    library as ``wan_i2v.wan``, without running the pack's node registration."""
-    if "wan_i2v" not in sys.modules:
-        pack = types.ModuleType("wan_i2v")
-        pack.__path__ = [ROOT]
-        sys.modules["wan_i2v"] = pack
-    return importlib.import_module("wan_i2v.wan.vae")
 
-
-V = _import_pack()
+import_pack()
+V = importlib.import_module("wan_i2v.wan.vae")
 MEAN = torch.tensor(V.LATENT_MEAN).view(1, 16, 1, 1, 1)
 STD = torch.tensor(V.LATENT_STD).view(1, 16, 1, 1, 1)
 

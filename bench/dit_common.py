@@ -6,7 +6,6 @@ the resolutions' latent grids; timing and memory helpers."""
 from __future__ import annotations
 
 import gc
-import importlib.util
 import os
 import sys
 import time
@@ -15,22 +14,14 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pack_import import import_pack  # noqa: E402
+
 
 # video size -> latent (frames, height, width) for 81 frames: T = (81-1)/4+1 = 21, H/8, W/8;
 # tokens = T * H/16 * W/16 with the (1, 2, 2) patch: 480p 32,760, 720p 75,600.
 RESOLUTIONS = {"480p": (832, 480), "720p": (1280, 720)}
 NUM_FRAMES = 81
-
-
-def import_pack():
-    if "wan_i2v" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "wan_i2v", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules["wan_i2v"] = pack
-        spec.loader.exec_module(pack)
-    return sys.modules["wan_i2v"]
 
 
 def latent_grid(res: str, num_frames: int = NUM_FRAMES, smoke: bool = False):
