@@ -14,13 +14,12 @@ import argparse
 import json
 import os
 import sys
-import time
 import zlib
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pack_import import import_pack  # noqa: E402
+from common import import_pack, timed  # noqa: E402
 
 
 
@@ -52,23 +51,6 @@ def build(cfg, linear_dtype, device):
               expected="CLIP vision tower")
     model.compute_dtype = torch.bfloat16
     return model
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats):
-    fn()  # warm-up (kernels, allocator)
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return out, min(times), sum(times) / len(times)
 
 
 def main(argv=None):
@@ -106,8 +88,8 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        _, best, mean = timed(lambda: encode_offloaded(model, image, device, "cpu"), device, args.repeats)
-        run["offloaded_s"] = {"best": round(best, 4), "mean": round(mean, 4)}
+        _, times, _ = timed(lambda: encode_offloaded(model, image, device, "cpu"), device, repeats=args.repeats)
+        run["offloaded_s"] = {"best": round(min(times), 4), "mean": round(sum(times) / len(times), 4)}
         if device.type == "cuda":
             run["offloaded_peak_GB"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
 
@@ -117,8 +99,8 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
-        out, best, mean = timed(lambda: model.encode(gpu_image), device, args.repeats)
-        run["resident_s"] = {"best": round(best, 4), "mean": round(mean, 4)}
+        out, times, _ = timed(lambda: model.encode(gpu_image), device, repeats=args.repeats)
+        run["resident_s"] = {"best": round(min(times), 4), "mean": round(sum(times) / len(times), 4)}
         if device.type == "cuda":
             run["resident_peak_GB"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
             run["activation_peak_GB"] = round((torch.cuda.max_memory_allocated(device) - before) / 1e9, 3)

@@ -15,12 +15,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pack_import import import_pack  # noqa: E402
+from common import import_pack, timed  # noqa: E402
 
 
 
@@ -50,23 +49,6 @@ def build(cfg, linear_dtype, device):
         model = UMT5Encoder(cfg)
     return load_into(model, random_source(cfg, device), dtype=torch.bfloat16, linear_dtype=linear_dtype,
                      device=device, expected="umT5 text encoder")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, repeats):
-    fn()  # warm-up
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return out, min(times), sum(times) / len(times)
 
 
 def main(argv=None):
@@ -105,8 +87,8 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
         with torch.no_grad():
-            out, best, mean = timed(lambda: model(gpu_ids), device, args.repeats)
-        run["resident_s"] = {"best": round(best, 4), "mean": round(mean, 4)}
+            out, times, _ = timed(lambda: model(gpu_ids), device, repeats=args.repeats)
+        run["resident_s"] = {"best": round(min(times), 4), "mean": round(sum(times) / len(times), 4)}
         if device.type == "cuda":
             run["resident_peak_GB"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
             run["activation_peak_GB"] = round((torch.cuda.max_memory_allocated(device) - before) / 1e9, 3)
@@ -126,8 +108,8 @@ def main(argv=None):
                 model.to("cpu")
                 return o
 
-            out, best, mean = timed(offloaded, device, max(1, min(args.repeats, 3)))
-            run["offloaded_s"] = {"best": round(best, 3), "mean": round(mean, 3)}
+            out, times, _ = timed(offloaded, device, repeats=max(1, min(args.repeats, 3)))
+            run["offloaded_s"] = {"best": round(min(times), 3), "mean": round(sum(times) / len(times), 3)}
             if device.type == "cuda":
                 run["offloaded_peak_GB"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
                 run["left_on_gpu_GB"] = round(torch.cuda.memory_allocated(device) / 1e9, 3)

@@ -25,7 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pack_import import import_pack  # noqa: E402
+from common import import_pack, sync  # noqa: E402
 
 
 
@@ -64,11 +64,6 @@ def build(dim: int, dtype, device, sd):
     theirs.load_state_dict(convert_wan_vae_to_diffusers(dict(sd)))
     theirs = theirs.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return ours, theirs
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(fn, device):

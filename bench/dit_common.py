@@ -5,17 +5,15 @@ the resolutions' latent grids; timing and memory helpers."""
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
-import time
 import zlib
-from typing import Callable, Dict, Optional
+from typing import Dict
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pack_import import import_pack  # noqa: E402
+from common import device_name, free, import_pack, peak_gib, reset_peak, sync, timed  # noqa: E402,F401
 
 
 # video size -> latent (frames, height, width) for 81 frames: T = (81-1)/4+1 = 21, H/8, W/8;
@@ -148,54 +146,6 @@ def run_diffusers(model, inp, dtype):
     hs = torch.cat([inp["x"], inp["y"]], 1).to(dtype)
     return model(hidden_states=hs, timestep=inp["t"], encoder_hidden_states=inp["context"].to(dtype),
                  encoder_hidden_states_image=inp["clip_fea"].to(dtype), return_dict=False)[0]
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable, device, warmup: int = 1, repeats: int = 3):
-    """(last output, seconds of each timed run, seconds of the first warm-up call)."""
-    t0 = time.perf_counter()
-    out = None
-    for _ in range(warmup):
-        out = fn()
-        sync(device)
-    first = time.perf_counter() - t0 if warmup else None
-    times = []
-    for _ in range(repeats):
-        del out
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return out, times, first
-
-
-def reset_peak(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device) -> Optional[float]:
-    if torch.device(device).type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 3)
-    return None
-
-
-def free(device):
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def device_name(device) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

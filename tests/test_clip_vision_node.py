@@ -1,6 +1,5 @@
 """WanI2V_CLIPVisionLoader called as ComfyUI calls it, with a tmp models folder."""
 
-import os
 
 import pytest
 import torch

@@ -238,7 +238,8 @@ def test_full_size_model_matches_official_manifest():
     official = {k: v["shape"] for k, v in manifest("official_wan2.1_i2v_14b_dit.json")["tensors"].items()}
     assert ours == official
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(linears) == 40 * 12 + 8  # = the 488 scale_weight tensors of ComfyUI fp8_scaled and all(isinstance(m, QuantLinear) for m in linears)
+    assert len(linears) == 40 * 12 + 8  # = the 488 scale_weight tensors of ComfyUI fp8_scaled
+    assert all(isinstance(m, QuantLinear) for m in linears)  # fp8 weights stay fp8 everywhere
 
 
 DIT_MANIFESTS = {

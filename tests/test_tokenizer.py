@@ -3,7 +3,6 @@ given, tokenizer.json, google/umt5-xxl/ folder, diffusers tokenizer/) gives the 
 transformers' T5 tokenizer gives on the same file, with the official text cleaning."""
 
 import logging
-import sys
 
 import pytest
 import torch
