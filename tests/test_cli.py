@@ -13,6 +13,7 @@ import sys
 import threading
 
 import av
+import torch
 import pytest
 
 from wan_i2v.wan import cli
@@ -150,3 +151,30 @@ def test_prefix_leaving_the_output_folder_is_refused(prefix, models_dir, out_dir
     assert set(os.listdir(tmp_path)) - before <= {"output"}
     assert not any(name.startswith("escape") for name in os.listdir(tmp_path))
     assert not os.path.exists("/tmp/escape_00001_.mp4")
+
+
+def test_memory_flags_reach_the_diffusion_model(models_dir, out_dir, image_server, tmp_path, monkeypatch, capsys):
+    """--weight-dtype / --blocks-to-swap / --vram-budget-gb / --fp8-matmul configure the DiT
+    (that swapping changes no result is tested in test_pipeline / test_offload); bad values
+    are refused with a clear message."""
+    from wan_i2v.wan import pipeline
+
+    seen = {}
+    real = pipeline.I2VPipeline.from_files.__func__
+
+    def spy(cls, *args, **kwargs):
+        pipe = real(cls, *args, **kwargs)
+        seen["dit"] = pipe.dit
+        return pipe
+
+    monkeypatch.setattr(pipeline.I2VPipeline, "from_files", classmethod(spy))
+    base = ["--prompt", "a cat", "--image", f"{image_server}/cat.jpg", "--seed", "3", "--models-dir", models_dir,
+            "--num-inference-steps", "2", "--acceleration", "none"]
+    code, out, err = run_cli(capsys, *base, "--filename-prefix", "swapped", "--blocks-to-swap", "1",
+                             "--vram-budget-gb", "6", "--fp8-matmul", "off", "--weight-dtype", "fp16")
+    assert code == 0, err
+    settings = seen["dit"].memory_settings
+    assert (settings.block_swap, settings.vram_budget_gb, settings.fp8_compute) == (1, 6.0, False)
+    assert seen["dit"].blocks[0].ffn[0].weight.dtype == torch.float16
+    code, _, err = run_cli(capsys, *base, "--vram-budget-gb", "-2")
+    assert code == 2 and "vram_budget_gb" in err

@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--text-encoder")
     m.add_argument("--tokenizer", help="tokenizer file/folder when the text encoder file has none")
     m.add_argument("--clip-vision")
+    m.add_argument("--weight-dtype", choices=("auto", "bf16", "fp16", "fp8_e4m3fn", "fp8_e5m2"), default="auto",
+                   help="the diffusion model's weights: auto keeps the file's precision (fp8 stays fp8)")
+    m.add_argument("--attention", choices=("auto", "sdpa", "flash", "sage"), default="auto",
+                   help="attention kernel (flash/sage when installed)")
+    m.add_argument("--blocks-to-swap", type=int, default=-1,
+                   help="transformer blocks streamed from CPU memory during sampling: -1 automatic "
+                        "(as few as fit --vram-budget-gb), 0 none")
+    m.add_argument("--vram-budget-gb", type=float, default=None,
+                   help="GPU memory (GiB) the diffusion model may use (default: what is free)")
+    m.add_argument("--fp8-matmul", choices=("auto", "on", "off"), default="auto",
+                   help="fp8 matrix products for fp8 weights where the GPU supports them")
     m.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when available)")
     m.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="compute dtype (default bf16 on GPU, fp32 on CPU)")
@@ -214,6 +225,19 @@ def _weight_files(folder: str):
     return sorted(out)
 
 
+def memory_settings(args: argparse.Namespace):
+    """Block swapping / VRAM budget / fp8 matmul flags -> ``offload.MemorySettings``."""
+    from .offload import MemorySettings
+
+    n = args.blocks_to_swap
+    try:
+        return MemorySettings(block_swap="auto" if n < 0 else ("off" if n == 0 else n),
+                              vram_budget_gb=args.vram_budget_gb,
+                              fp8_compute={"auto": "auto", "on": True, "off": False}[args.fp8_matmul])
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
 # --------------------------------------------------------------------------- progress
 
 class ProgressBar:
@@ -273,7 +297,9 @@ def run(argv: Optional[list] = None) -> Dict:
         else:
             paths = find_models(args)
             image = load_image(params["image_url"])
-            pipe = I2VPipeline.from_files(paths, tokenizer=args.tokenizer, device=device, compute_dtype=dtype)
+            pipe = I2VPipeline.from_files(paths, tokenizer=args.tokenizer, device=device, compute_dtype=dtype,
+                                          dit_dtype=None if args.weight_dtype == "auto" else args.weight_dtype,
+                                          attention=args.attention, memory=memory_settings(args))
         kwargs = dict(negative_prompt=params["negative_prompt"], aspect_ratio=params["aspect_ratio"],
                       num_inference_steps=int(params["num_inference_steps"]),
                       guide_scale=float(params["guide_scale"]), shift=float(params["shift"]),

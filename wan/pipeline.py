@@ -342,17 +342,22 @@ class I2VPipeline:
 
     @classmethod
     def from_files(cls, paths: Dict[str, str], tokenizer: Optional[str] = None, device=None,
-                   compute_dtype: torch.dtype = torch.bfloat16) -> "I2VPipeline":
+                   compute_dtype: torch.dtype = torch.bfloat16, dit_dtype=None, attention: str = "auto",
+                   memory=None) -> "I2VPipeline":
         """Load the four models from ``paths`` (keys dit, vae, text_encoder, clip_vision) onto
-        the CPU; they visit ``device`` while used. fp32 compute keeps fp32 weights."""
+        the CPU; they visit ``device`` while used. fp32 compute keeps fp32 weights.
+        ``dit_dtype``: the DiT's weight dtype (None: as stored; see ``load_dit``);
+        ``memory``: an ``offload.MemorySettings`` for sampling (block swapping, VRAM budget)."""
         from .loaders.clip_vision import load_clip_vision
         from .loaders.dit import load_dit
         from .loaders.text_encoder import load_text_encoder
         from .loaders.vae import load_vae
 
         fp32 = compute_dtype == torch.float32
-        dit = load_dit(paths["dit"], dtype=torch.float32 if fp32 else None, compute_dtype=compute_dtype)
+        dit = load_dit(paths["dit"], dtype=dit_dtype or (torch.float32 if fp32 else None),
+                       compute_dtype=compute_dtype, attention=attention)
         check_i2v_dit(dit)
+        dit.memory_settings = memory
         vae = load_vae(paths["vae"], dtype=compute_dtype)
         t5 = load_text_encoder(paths["text_encoder"], tokenizer=tokenizer, dtype=compute_dtype)
         clip = load_clip_vision(paths["clip_vision"], dtype=compute_dtype)
