@@ -112,7 +112,8 @@ class WanI2V_TextEncode:
                                "Empty: encoded as the end-of-text token alone, as the official code does."}),
                 "negative": ("STRING", {
                     "multiline": True, "default": DEFAULT_NEGATIVE_PROMPT,
-                    "tooltip": "What to steer away from (used with guide_scale > 1). The default is Wan's."}),
+                    "tooltip": "What to steer away from (used with guide_scale > 1). The default is Wan's; "
+                               "left empty, Wan's default is used, as the official code does."}),
                 "disk_cache": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Also keep the embeddings on disk (a few MB each, keyed by model file and "
@@ -126,7 +127,8 @@ class WanI2V_TextEncode:
                             f"found {type(text_encoder).__name__}")
         host.check_interrupted()
         folder = host.cache_dir("text_embeds") if disk_cache else None
-        embeds: TextEmbeds = text_encoder.encode_pair(positive, negative, folder)
+        # An empty negative prompt means Wan's default (official image2video.py), as in the pipeline.
+        embeds: TextEmbeds = text_encoder.encode_pair(positive, negative or DEFAULT_NEGATIVE_PROMPT, folder)
         return (embeds,)
 
 

@@ -77,6 +77,8 @@ def test_loader_and_encode_as_comfy_calls_them(models):
     assert torch.equal(embeds.positive, want_pos) and torch.equal(embeds.negative, want_neg)
     assert embeds.positive.device.type == "cpu" and embeds.positive.shape[1] == TINY["dim"]
     assert t5._model is not None and t5._model.device.type == "cpu"  # kept in RAM, off any GPU
+    (empty_negative,) = call(ENCODE, **dict(enc_args, negative=""))  # "" means Wan's default, as officially
+    assert torch.equal(empty_negative.negative, want_neg)
 
 
 def test_disk_cache_survives_a_restart_without_loading(models):
