@@ -415,22 +415,52 @@ class WanDiT(nn.Module):
         or a list of [L_i,4096], or a :class:`ContextCache` from :meth:`prepare_context` (then
         ``clip_fea=None``); clip_fea [B,257,1280]; y [B,20,T,H,W] (4 mask + 16 image latent
         channels). Returns the flow velocity [B,16,T,H,W] in fp32."""
+        return self._forward(x, t, context, clip_fea, y)[0]
+
+    def forward_residual(self, x: torch.Tensor, t: torch.Tensor, context: Optional[ContextCache],
+                         y: torch.Tensor, residual: Optional[torch.Tensor] = None
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The forward for MagCache-style step reuse (``wan/cache.py``): ``(velocity, residual)``.
+
+        Without ``residual``: the forward of :meth:`forward` (``context`` a ContextCache; the
+        same velocity, bit for bit), also returning the block stack's residual: its output
+        minus its input tokens, [B, L, dim] fp32. With ``residual`` (of an earlier step of the
+        same rows, any float dtype): the block stack is skipped -- no block, no block-swap
+        hook, no ``interrupt``, ``context`` unused (may be None) -- and the velocity is
+        ``head(embed_inputs(x, y) + residual)`` with the time embedding of ``t``, as MagCache
+        does; the residual is returned as given."""
+        return self._forward(x, t, context, None, y, residual=residual, want_residual=True)
+
+    def _forward(self, x, t, context, clip_fea, y, residual: Optional[torch.Tensor] = None,
+                 want_residual: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        reuse = residual is not None
         cached = isinstance(context, ContextCache)
-        if y is None or (clip_fea is None and not cached):
+        if y is None or (clip_fea is None and not cached and not reuse):
             raise ValueError("WanDiT (image-to-video) needs y (mask + image latent) and clip_fea")
         if cached and clip_fea is not None:
             raise ValueError("WanDiT: clip_fea must be None with a ContextCache (the image features are in it)")
+        if want_residual and not reuse and not cached:
+            raise ValueError("WanDiT.forward_residual: context must be a ContextCache (dit.prepare_context)")
         if x.shape[1] + y.shape[1] != self.config.in_dim:
             raise ValueError(f"WanDiT: x has {x.shape[1]} and y {y.shape[1]} channels; "
                              f"together {self.config.in_dim} expected")
         batch, device = x.shape[0], x.device
         tokens, grid = self.embed_inputs(x, y)
         e, e0 = self.embed_time(t, batch, device)
-        if cached:
-            ctx = self._check_context_cache(context, batch, device)
+        if reuse:
+            if residual.shape != tokens.shape:
+                raise ValueError(f"WanDiT: a cached residual of shape {list(residual.shape)} for tokens "
+                                 f"of shape {list(tokens.shape)}")
+            tokens.add_(residual.to(device))  # MagCache: x + cached residual, then the head
         else:
-            ctx = self.prepare_context(context, clip_fea, batch, device, keep=False)
-        backend = resolve_backend(self.attention_backend, device, self.compute_dtype)
-        with fast_kernels(device, self.compute_dtype):
-            tokens = self.run_blocks(tokens, e0, self.rope_tables(grid, device), ctx, backend)
-        return self.unpatchify(self.head(tokens, e).float(), grid)
+            if cached:
+                ctx = self._check_context_cache(context, batch, device)
+            else:
+                ctx = self.prepare_context(context, clip_fea, batch, device, keep=False)
+            start = tokens.clone() if want_residual else None  # the blocks update tokens in place
+            backend = resolve_backend(self.attention_backend, device, self.compute_dtype)
+            with fast_kernels(device, self.compute_dtype):
+                tokens = self.run_blocks(tokens, e0, self.rope_tables(grid, device), ctx, backend)
+            if want_residual:
+                residual = torch.sub(tokens, start, out=start)  # written over the copy: no extra memory
+        return self.unpatchify(self.head(tokens, e).float(), grid), residual

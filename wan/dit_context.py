@@ -143,15 +143,28 @@ def _as_2d(context: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def make_model_fn(dit, cond_context: torch.Tensor, uncond_context: Optional[torch.Tensor],
-                  clip_fea: torch.Tensor, y: torch.Tensor, device=None, fill: bool = False) -> Callable:
-    """``model_fn(x, t, branches) -> v`` for ``wan.sampling.sample`` with the conditioning
-    cached for the whole generation.
+                  clip_fea: torch.Tensor, y: torch.Tensor, device=None, fill: bool = False,
+                  residual_dtype: torch.dtype = torch.float32) -> Callable:
+    """``model_fn(x, t, branches, reuse=None, keep=None) -> v`` for ``wan.sampling.sample``
+    with the conditioning cached for the whole generation.
 
     ``cond_context`` / ``uncond_context``: text embeddings [L, text_dim] (or [1, L, text_dim]);
     ``uncond_context`` None when guidance is off. ``clip_fea`` [1, 257, image_dim] (shared by
     both branches); ``y`` [1, 20, T, H, W]. ``branches``: a tuple of "cond" / "uncond", one
     per batch row of x. ``fill``: compute every block's K/V now instead of at the first step.
     The cache is ``model_fn.context`` (drop the function to free it).
+
+    Step reuse at the residual level (``model_fn.supports_residual_reuse``, as MagCache
+    does; see ``wan/cache.py``): ``reuse`` (one bool per row) marks rows that skip the block
+    stack and add their branch's residual (block-stack output minus input) from its last
+    computed step to the new step's input tokens, the head running with the new timestep;
+    the other rows run the blocks (as one batch) and refresh their branch's residual.
+    ``keep`` (one bool per row, default all True) says whether the branch's residual is
+    still needed after this call; the sampler passes False when the branch's next step is
+    computed, so residuals live only while a reuse is ahead. Residuals are kept on the
+    compute device in ``residual_dtype`` (fp32: [1, L, dim] per branch, 1.5 GB at 720p for
+    the 14B model, as MagCache keeps them in the fp32 residual stream);
+    ``model_fn.forget_residuals()`` drops them.
     """
     names = ("cond", "uncond") if uncond_context is not None else ("cond",)
     texts = [_as_2d(cond_context, "cond")] + ([_as_2d(uncond_context, "uncond")] if uncond_context is not None else [])
@@ -164,17 +177,69 @@ def make_model_fn(dit, cond_context: torch.Tensor, uncond_context: Optional[torc
         ctx.fill(dit)
     y = y.to(ctx.device)
     views = {}
+    residuals: dict = {}  # branch -> [1, L, dim] residual of the block stack at its last computed step
 
-    def model_fn(x: torch.Tensor, t: torch.Tensor, branches: Tuple[str, ...]) -> torch.Tensor:
-        branches = tuple(branches)
+    def view(branches: Tuple[str, ...]) -> ContextCache:
         if branches not in views:
             unknown = [b for b in branches if b not in names]
             if unknown:
                 raise ValueError(f"model_fn: branches {unknown}; this model_fn has {list(names)}")
             views[branches] = ctx.select([names.index(b) for b in branches])
-        if len(branches) != x.shape[0]:
-            raise ValueError(f"model_fn: {len(branches)} branches for a batch of {x.shape[0]}")
-        return dit(x, t, views[branches], None, y.expand(x.shape[0], -1, -1, -1, -1))
+        return views[branches]
+
+    def rows_of(x: torch.Tensor, rows: List[int]) -> torch.Tensor:
+        return x if len(rows) == x.shape[0] else x[rows]
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor, branches: Tuple[str, ...],
+                 reuse: Optional[Sequence[bool]] = None, keep: Optional[Sequence[bool]] = None) -> torch.Tensor:
+        branches = tuple(branches)
+        n = x.shape[0]
+        if len(branches) != n:
+            raise ValueError(f"model_fn: {len(branches)} branches for a batch of {n}")
+        view(branches)  # checks the names
+        reuse = (False,) * n if reuse is None else tuple(bool(r) for r in reuse)
+        keep = (True,) * n if keep is None else tuple(bool(k) for k in keep)
+        if len(reuse) != n or len(keep) != n:
+            raise ValueError(f"model_fn: reuse/keep need one flag per row ({n}), got {reuse} / {keep}")
+        if len(set(branches)) != n:
+            raise ValueError(f"model_fn: branches {branches} repeat a branch")
+        missing = [b for b, r in zip(branches, reuse) if r and b not in residuals]
+        if missing:
+            raise ValueError(f"model_fn: no cached residual for {missing}: compute a step of that branch first")
+        computed = [k for k in range(n) if not reuse[k]]
+        reused = [k for k in range(n) if reuse[k]]
+        for k in computed:
+            residuals.pop(branches[k], None)  # stale now; free it before the blocks run
+        if not reused and not any(keep):  # nothing to cache: the plain forward
+            return dit(x, t, view(branches), None, y.expand(n, -1, -1, -1, -1))
+        parts = {}
+        if computed:
+            names_c = tuple(branches[k] for k in computed)
+            v, res = dit.forward_residual(rows_of(x, computed), rows_of(t, computed), view(names_c),
+                                          y.expand(len(computed), -1, -1, -1, -1))
+            kept = [j for j, k in enumerate(computed) if keep[k]]
+            for j in kept:
+                r = res[j:j + 1]
+                if r.dtype != residual_dtype:
+                    r = r.to(residual_dtype)
+                elif len(kept) < len(computed):
+                    r = r.clone()  # a view would keep the whole batch's residual alive
+                residuals[names_c[j]] = r
+            if not reused:
+                return v
+            parts.update({k: v[j] for j, k in enumerate(computed)})
+        for k in reused:  # one row at a time: no concatenated copy of the residuals
+            v, _ = dit.forward_residual(x[k:k + 1], t[k:k + 1], None, y, residual=residuals[branches[k]])
+            parts[k] = v[0]
+            if not keep[k]:
+                residuals.pop(branches[k])
+        return torch.stack([parts[k] for k in range(n)])
+
+    def forget_residuals() -> None:
+        residuals.clear()
 
     model_fn.context = ctx
+    model_fn.supports_residual_reuse = True
+    model_fn.residuals = residuals
+    model_fn.forget_residuals = forget_residuals
     return model_fn

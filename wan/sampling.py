@@ -288,12 +288,18 @@ def initial_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
 class StepReport:
     """What happened during sampling: per branch ("cond", "uncond"), which steps computed a
     DiT forward (True) and which reused the cached output (False); ``model_calls`` counts
-    calls of ``model_fn`` (a batched cond+uncond call counts once)."""
+    calls of ``model_fn`` (a batched cond+uncond call counts once; with residual reuse a
+    reused step still calls it, for the cheap input embedding and output head);
+    ``block_forwards`` counts the batch rows that ran the DiT's block stack; ``reuse`` is
+    "residual" (the block stack's cached residual, as MagCache) or "velocity" (the last
+    computed output, for a ``model_fn`` without residual support)."""
 
     num_steps: int
     computed: dict = field(default_factory=dict)
     model_calls: int = 0
     acceleration: str = "none"
+    reuse: str = "velocity"
+    block_forwards: int = 0
 
     @property
     def forwards_computed(self) -> int:
@@ -310,8 +316,10 @@ class StepReport:
         return {
             "num_steps": self.num_steps,
             "acceleration": self.acceleration,
+            "reuse": self.reuse,
             "forwards_computed": self.forwards_computed,
             "forwards_reused": self.forwards_reused,
+            "block_forwards": self.block_forwards,
             "model_calls": self.model_calls,
             "computed_steps": {b: self.steps(b, True) for b in self.computed},
             "reused_steps": {b: self.steps(b, False) for b in self.computed},
@@ -345,6 +353,14 @@ def sample(
     step). ``callback(done, total, x)`` after each step (done = 1..total); ``interrupt()`` is
     called before each step and may raise, or return True to raise :class:`SamplingInterrupted`.
     Returns ``(latent, StepReport)``.
+
+    Step reuse: a plain ``model_fn`` has a reused step take the branch's last computed
+    velocity. A ``model_fn`` with ``supports_residual_reuse = True`` (``dit_context.make_model_fn``)
+    is called at every step as ``model_fn(x, t, branches, reuse=, keep=)`` -- one bool per
+    row each: ``reuse`` rows skip the block stack and use their branch's cached residual,
+    the others compute and refresh it; ``keep`` says whether the branch's residual is needed
+    at the next step -- and its ``forget_residuals()`` is called before and after sampling.
+    With ``batch_cfg`` both branches then go in one call at every step.
     """
     from .cache import StepCache
 
@@ -352,34 +368,73 @@ def sample(
     branches = ("cond",) if guide_scale == 1 else ("cond", "uncond")
     if cache is None:
         cache = StepCache(None, solver.num_steps)
+    residual = bool(getattr(model_fn, "supports_residual_reuse", False))
     cache.start(solver.num_steps)
     solver.reset()
-    report = StepReport(solver.num_steps, {b: [] for b in branches}, acceleration=cache.name)
+    report = StepReport(solver.num_steps, {b: [] for b in branches}, acceleration=cache.name,
+                        reuse="residual" if residual else "velocity")
+    forget = getattr(model_fn, "forget_residuals", None) if residual else None
+    if forget is not None:
+        forget()
     x = noise
-    for i, t in enumerate(solver.timesteps):
-        if interrupt is not None and interrupt():
-            raise SamplingInterrupted(f"sampling cancelled before step {i + 1} of {solver.num_steps}")
-        todo = [b for b in branches if cache.should_compute(i, b)]
-        out = {}
-        if batch_cfg and len(todo) == 2:
-            v = model_fn(torch.stack([x, x]), torch.full((2,), t, dtype=torch.float32, device=x.device), tuple(todo))
-            report.model_calls += 1
-            out = {todo[0]: v[0].to(x.dtype), todo[1]: v[1].to(x.dtype)}
-        else:
-            for b in todo:
-                v = model_fn(x.unsqueeze(0), torch.full((1,), t, dtype=torch.float32, device=x.device), (b,))
-                report.model_calls += 1
-                out[b] = v[0].to(x.dtype)  # guidance and the solver run in the latent's fp32
-        vs = {}
-        for b in branches:
-            if b in out:
-                cache.store(i, b, out[b])
-                vs[b] = out[b]
+    try:
+        for i, t in enumerate(solver.timesteps):
+            if interrupt is not None and interrupt():
+                raise SamplingInterrupted(f"sampling cancelled before step {i + 1} of {solver.num_steps}")
+            compute = {b: cache.should_compute(i, b) for b in branches}
+            if residual:
+                vs = _residual_step(model_fn, x, t, i, branches, compute, cache, batch_cfg, report)
             else:
-                vs[b] = cache.reuse(i, b)
-            report.computed[b].append(b in out)
-        x = solver.step(guided_velocity(vs["cond"], vs.get("uncond"), guide_scale), x)
-        if callback is not None:
-            callback(i + 1, solver.num_steps, x)
-    cache.finish()
+                vs = _velocity_step(model_fn, x, t, i, branches, compute, cache, batch_cfg, report)
+            for b in branches:
+                report.computed[b].append(compute[b])
+            x = solver.step(guided_velocity(vs["cond"], vs.get("uncond"), guide_scale), x)
+            if callback is not None:
+                callback(i + 1, solver.num_steps, x)
+    finally:
+        cache.finish()
+        if forget is not None:
+            forget()  # the residuals are large and on the compute device
     return x, report
+
+
+def _call(model_fn, x: torch.Tensor, t: float, group: tuple, report: StepReport, **flags) -> dict:
+    """One ``model_fn`` call for the branches of ``group`` (a row each); velocities in x's dtype
+    (guidance and the solver run in the latent's fp32)."""
+    xb = torch.stack([x] * len(group)) if len(group) > 1 else x.unsqueeze(0)
+    v = model_fn(xb, torch.full((len(group),), t, dtype=torch.float32, device=x.device), group, **flags)
+    report.model_calls += 1
+    return {b: v[k].to(x.dtype) for k, b in enumerate(group)}
+
+
+def _velocity_step(model_fn, x, t, i, branches, compute, cache, batch_cfg, report) -> dict:
+    """Computed branches call ``model_fn`` (both in one call with ``batch_cfg``); the others
+    take their last computed velocity."""
+    todo = tuple(b for b in branches if compute[b])
+    groups = [todo] if batch_cfg and len(todo) == 2 else [(b,) for b in todo]
+    out = {}
+    for group in groups:
+        out.update(_call(model_fn, x, t, group, report))
+        report.block_forwards += len(group)
+    vs = {}
+    for b in branches:
+        if b in out:
+            cache.store(i, b, out[b])
+            vs[b] = out[b]
+        else:
+            vs[b] = cache.reuse(i, b)
+    return vs
+
+
+def _residual_step(model_fn, x, t, i, branches, compute, cache, batch_cfg, report) -> dict:
+    """Every branch calls ``model_fn``; reused ones with ``reuse=True`` (no block stack)."""
+    groups = [branches] if batch_cfg and len(branches) == 2 else [(b,) for b in branches]
+    vs = {}
+    for group in groups:
+        reuse = tuple(not compute[b] for b in group)
+        keep = tuple(cache.reused_next(i, b) for b in group)
+        vs.update(_call(model_fn, x, t, group, report, reuse=reuse, keep=keep))
+        report.block_forwards += reuse.count(False)
+    for b in branches:
+        cache.store(i, b, vs[b])
+    return vs
