@@ -18,7 +18,8 @@ bf16 for the 14B model (1.26 GB for cond + uncond). ``select`` returns a view th
 the storage (no copy when the rows are contiguous, as for "cond" or "uncond" alone).
 
 :func:`make_model_fn` wraps it all into the ``model_fn(x, t, branches)`` that
-``wan.sampling.sample`` calls.
+``wan.sampling.sample`` calls; it also keeps the block stack's residual per branch for the
+step cache's reused steps (``reuse=``, see ``wan/cache.py``).
 """
 
 from __future__ import annotations

@@ -91,9 +91,12 @@ def _embedding_modules(dit: nn.Module) -> List[nn.Module]:
 
 
 def estimate_vram_bytes(dit: nn.Module, tokens: int, blocks_swapped: int, batch: int = 1,
-                        offload_embeddings: bool = False, slots: int = 2, reserve_gb: float = 0.5) -> int:
+                        offload_embeddings: bool = False, slots: int = 2, reserve_gb: float = 0.5,
+                        cached_residuals: int = 0) -> int:
     """Device memory needed with the last ``blocks_swapped`` blocks swapped: resident
-    weights + the slot buffers + activations + ``reserve_gb`` (workspaces, fragmentation)."""
+    weights + the slot buffers + activations + ``reserve_gb`` (workspaces, fragmentation)
+    + ``cached_residuals`` step-cache residuals (one per guidance branch when the step
+    cache is on, see :func:`residual_cache_bytes`)."""
     blocks = list(dit.blocks)
     n = len(blocks)
     if not 0 <= blocks_swapped <= n:
@@ -106,7 +109,16 @@ def estimate_vram_bytes(dit: nn.Module, tokens: int, blocks_swapped: int, batch:
     resident = sum(block_bytes[: n - blocks_swapped])
     slot_bytes = min(slots, blocks_swapped) * (max(swapped) if swapped else 0)
     return (other + resident + slot_bytes + estimate_activation_bytes(dit, tokens, batch)
-            + context_cache_bytes(dit, batch) + int(reserve_gb * GiB))
+            + context_cache_bytes(dit, batch) + residual_cache_bytes(dit, tokens, cached_residuals)
+            + int(reserve_gb * GiB))
+
+
+def residual_cache_bytes(dit: nn.Module, tokens: int, branches: int = 1) -> int:
+    """The step cache's block-stack residuals (wan/dit_context.py): at most one fp32
+    [tokens, dim] tensor per guidance branch at any time (a stored one, or the copy of the
+    input tokens that becomes the new one while the blocks run). 1.5 GB per branch at 720p
+    for the 14B model."""
+    return branches * tokens * _dims(dit)[0] * 4
 
 
 def context_cache_bytes(dit: nn.Module, batch: int = 1) -> int:
@@ -478,8 +490,10 @@ def available_vram_gib(device: torch.device, already_there: int = 0) -> float:
 
 
 def plan_placement(dit: nn.Module, device: torch.device, tokens: int, guidance: bool,
-                   settings: MemorySettings, budget_gib: Optional[float] = None) -> Tuple[int, bool]:
-    """``(blocks to swap, batch the two guidance passes)`` for one generation.
+                   settings: MemorySettings, budget_gib: Optional[float] = None,
+                   step_cache: bool = False) -> Tuple[int, bool]:
+    """``(blocks to swap, batch the two guidance passes)`` for one generation
+    (``step_cache``: the "acceleration" step cache is on, which keeps residuals).
 
     Prefers batching the passes (faster) and as few swapped blocks as possible; drops the
     batching first when it does not fit. ``budget_gib`` defaults to the settings' budget,
@@ -494,16 +508,18 @@ def plan_placement(dit: nn.Module, device: torch.device, tokens: int, guidance: 
         batches = [2 if guidance and settings.batch_cfg else 1]
     if torch.device(device).type != "cuda":
         return fixed or 0, batches[0] == 2
+    residuals = (2 if guidance else 1) if step_cache else 0
     budget = budget_gib or settings.vram_budget_gb
     if budget is None:
         budget = available_vram_gib(torch.device(device))
     for batch in batches:
         candidates = [fixed] if fixed is not None else range(n + 1)
         for blocks in candidates:
-            if estimate_vram_bytes(dit, tokens, blocks, batch) <= budget * GiB:
+            if estimate_vram_bytes(dit, tokens, blocks, batch, cached_residuals=residuals) <= budget * GiB:
                 return blocks, batch == 2
     blocks = n if fixed is None else fixed
     log.warning("the DiT needs about %.1f GiB (%d tokens) even with %d of %d blocks swapped; %.1f GiB "
-                "available: expect out-of-memory errors", estimate_vram_bytes(dit, tokens, blocks, batches[-1]) / GiB,
+                "available: expect out-of-memory errors",
+                estimate_vram_bytes(dit, tokens, blocks, batches[-1], cached_residuals=residuals) / GiB,
                 tokens, blocks, n, budget)
     return blocks, batches[-1] == 2

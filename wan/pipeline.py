@@ -149,7 +149,7 @@ def dit_memory_estimate(dit, cond: "I2VCondition", guide_scale: float = 5.0) -> 
     return weights + acts
 
 
-def _place_dit(dit, device: torch.device, tokens: int, guidance: bool) -> bool:
+def _place_dit(dit, device: torch.device, tokens: int, guidance: bool, step_cache: bool = False) -> bool:
     """Put the DiT on ``device`` for sampling, whole or with some blocks streamed from host
     memory (``dit.memory_settings``, see ``offload.MemorySettings``), and select fp8 matmuls
     where they apply. Returns whether the two guidance passes run as one batch.
@@ -159,7 +159,7 @@ def _place_dit(dit, device: torch.device, tokens: int, guidance: bool) -> bool:
 
     settings = getattr(dit, "memory_settings", None) or MemorySettings()
     home = _module_device(dit)
-    blocks, batch_cfg = plan_placement(dit, device, tokens, guidance, settings)
+    blocks, batch_cfg = plan_placement(dit, device, tokens, guidance, settings, step_cache=step_cache)
     swap = None
     if blocks:
         swap = BlockSwap(dit, blocks_on_cpu=blocks, device=device).install()
@@ -303,7 +303,8 @@ def sample(dit, cond: I2VCondition, text: TextEmbeds, num_inference_steps: int =
 
     old_interrupt = getattr(dit, "interrupt", None)
     tokens = math.prod(cond.latent_shape[1:]) // math.prod(dit.config.patch_size)
-    planned_batch_cfg = _place_dit(dit, device, tokens, guidance=guide_scale != 1)
+    planned_batch_cfg = _place_dit(dit, device, tokens, guidance=guide_scale != 1,
+                                   step_cache=cache.settings is not None)
     try:
         dit.interrupt = interrupt
         contexts, y, clip_fea = _branch_inputs(cond, text, device)
