@@ -211,21 +211,22 @@ def make_model_fn(dit, cond_context: torch.Tensor, uncond_context: Optional[torc
         reused = [k for k in range(n) if reuse[k]]
         for k in computed:
             residuals.pop(branches[k], None)  # stale now; free it before the blocks run
-        if not reused and not any(keep):  # nothing to cache: the plain forward
-            return dit(x, t, view(branches), None, y.expand(n, -1, -1, -1, -1))
         parts = {}
         if computed:
             names_c = tuple(branches[k] for k in computed)
-            v, res = dit.forward_residual(rows_of(x, computed), rows_of(t, computed), view(names_c),
-                                          y.expand(len(computed), -1, -1, -1, -1))
+            xc, tc, yc = rows_of(x, computed), rows_of(t, computed), y.expand(len(computed), -1, -1, -1, -1)
             kept = [j for j, k in enumerate(computed) if keep[k]]
-            for j in kept:
-                r = res[j:j + 1]
-                if r.dtype != residual_dtype:
-                    r = r.to(residual_dtype)
-                elif len(kept) < len(computed):
-                    r = r.clone()  # a view would keep the whole batch's residual alive
-                residuals[names_c[j]] = r
+            if not kept:  # no residual needed later: the plain forward
+                v = dit(xc, tc, view(names_c), None, yc)
+            else:
+                v, res = dit.forward_residual(xc, tc, view(names_c), yc)
+                for j in kept:
+                    r = res[j:j + 1]
+                    if r.dtype != residual_dtype:
+                        r = r.to(residual_dtype)
+                    elif len(kept) < len(computed):
+                        r = r.clone()  # a view would keep the whole batch's residual alive
+                    residuals[names_c[j]] = r
             if not reused:
                 return v
             parts.update({k: v[j] for j, k in enumerate(computed)})
