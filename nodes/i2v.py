@@ -12,13 +12,10 @@ from . import host
 from ..wan import conditioning as C
 from ..wan import pipeline as P
 from ..wan.defaults import ASPECT_RATIOS, FRAMES_RANGE, RESOLUTIONS
+from ..wan.offload import tensor_bytes
 from ..wan.sampling import MAX_SEED, SOLVERS
 
 log = logging.getLogger(__name__)
-
-
-def _bytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 class WanI2V_ImageEncode:
@@ -68,7 +65,7 @@ class WanI2V_ImageEncode:
         if isinstance(vae, torch.nn.Module):
             dtype = getattr(vae, "compute_dtype", None) or next(vae.parameters()).dtype
             est = vae.memory_estimate(w * h, dtype, decode=False) if hasattr(vae, "memory_estimate") else 0
-            host.free_memory_for(_bytes(vae) + est, device)
+            host.free_memory_for(tensor_bytes(vae) + est, device)
         cond = P.encode_image_condition(None, vae, clip_vision, num_frames, resolution, aspect_ratio,
                                         device=device, interrupt=host.check_interrupted, pixels=pixels)
         host.soft_empty_cache()

@@ -136,17 +136,18 @@ def _placed(module, device: Optional[torch.device]):
         _free_cache(device)
 
 
+def dit_tokens(dit, cond: "I2VCondition") -> int:
+    """Tokens of one DiT forward for ``cond`` (latent grid divided by the patch size)."""
+    return math.prod(cond.latent_shape[1:]) // math.prod(dit.config.patch_size)
+
+
 def dit_memory_estimate(dit, cond: "I2VCondition", guide_scale: float = 5.0) -> int:
-    """Rough bytes the DiT needs on the compute device for ``cond``: its weights plus the
-    activations of one forward (batch 2 with guidance): the fp32 residual stream and a few
-    copies of it, and the FFN's hidden layer in the compute dtype."""
-    cfg = dit.config
-    tokens = math.prod(cond.latent_shape[1:]) // math.prod(cfg.patch_size)
-    batch = 1 if guide_scale == 1 else 2
-    item = torch.empty((), dtype=getattr(dit, "compute_dtype", torch.bfloat16)).element_size()
-    acts = batch * tokens * (cfg.dim * 4 * 6 + cfg.ffn_dim * item * 2)
-    weights = sum(t.numel() * t.element_size() for t in dit.parameters())
-    return weights + acts
+    """Bytes the DiT needs on the compute device for ``cond`` with every block resident and
+    the guidance passes batched: the same estimate the placement plan uses
+    (``offload.estimate_vram_bytes``)."""
+    from .offload import estimate_vram_bytes
+
+    return estimate_vram_bytes(dit, dit_tokens(dit, cond), 0, batch=1 if guide_scale == 1 else 2)
 
 
 def _place_dit(dit, device: torch.device, tokens: int, guidance: bool, step_cache: bool = False) -> bool:
@@ -302,7 +303,7 @@ def sample(dit, cond: I2VCondition, text: TextEmbeds, num_inference_steps: int =
     cache = StepCache(acceleration, steps, resolution=cond.width * cond.height)
 
     old_interrupt = getattr(dit, "interrupt", None)
-    tokens = math.prod(cond.latent_shape[1:]) // math.prod(dit.config.patch_size)
+    tokens = dit_tokens(dit, cond)
     planned_batch_cfg = _place_dit(dit, device, tokens, guidance=guide_scale != 1,
                                    step_cache=cache.settings is not None)
     try:
