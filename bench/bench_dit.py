@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dit_common as C  # noqa: E402
+from common import emit  # noqa: E402
 
 SDPA_KERNELS = ("default", "cudnn", "flash", "efficient", "math")
 
@@ -164,10 +165,7 @@ def main(argv=None):
         del inp, out_ours
         C.free(device)
 
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.json)
     print("\n| res | tokens | ours s | diffusers s | ratio | max abs diff | rel diff | fp8 s | fp8 ratio | fp8 rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in report["resolutions"]:

@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dit_common as C  # noqa: E402
+from common import emit  # noqa: E402
 
 
 def set_cap(device, cap_gib):
@@ -154,10 +155,7 @@ def main(argv=None):
         report["swap_overhead"] = round(runs["swap"]["seconds"] / runs["resident"]["seconds"] - 1, 4)
         report["swap_output_identical"] = bool(torch.equal(outputs["resident"], outputs["swap"]))
     set_cap(device, None)
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.json)
     return report
 
 

@@ -12,14 +12,13 @@ Run from the repository root (the pack is imported as ``wan_i2v``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import import_pack, timed  # noqa: E402
+from common import emit, import_pack, timed  # noqa: E402
 
 
 
@@ -119,10 +118,7 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(json.dumps(results, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+    emit(results, args.json)
     return results
 
 

@@ -74,3 +74,14 @@ def device_name(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return "cpu"
+
+
+def emit(results: dict, json_path: Optional[str] = None) -> dict:
+    """Print a benchmark's results as JSON and, when asked, write them to ``json_path``."""
+    import json
+
+    print(json.dumps(results, indent=2))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
