@@ -482,11 +482,11 @@ class MemorySettings:
             raise ValueError(f"vram_budget_gb={self.vram_budget_gb}: expected a positive number of GiB (or none)")
 
 
-def available_vram_gib(device: torch.device, already_there: int = 0) -> float:
-    """Free memory on a CUDA ``device`` (plus ``already_there`` bytes the model holds), GiB."""
+def free_vram_bytes(device: torch.device) -> int:
+    """Memory a CUDA ``device`` can still give: free on the card plus what torch's allocator
+    has reserved but not handed out."""
     free, _ = torch.cuda.mem_get_info(device)
-    reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return (free + reserved_unused + already_there) / GiB
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def plan_placement(dit: nn.Module, device: torch.device, tokens: int, guidance: bool,
@@ -511,7 +511,7 @@ def plan_placement(dit: nn.Module, device: torch.device, tokens: int, guidance: 
     residuals = (2 if guidance else 1) if step_cache else 0
     budget = budget_gib or settings.vram_budget_gb
     if budget is None:
-        budget = available_vram_gib(torch.device(device))
+        budget = free_vram_bytes(torch.device(device)) / GiB
     for batch in batches:
         candidates = [fixed] if fixed is not None else range(n + 1)
         for blocks in candidates:

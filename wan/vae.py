@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .offload import free_vram_bytes
+
 # Per-channel latent statistics of the Wan 2.1 VAE (official Wan2_1_VAE; diffusers
 # AutoencoderKLWan config latents_mean/latents_std).
 LATENT_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -499,9 +501,7 @@ class WanVAE(nn.Module):
         if tiled != "auto":
             return run(bool(tiled))
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            if need_bytes() > 0.9 * free:
+            if need_bytes() > 0.9 * free_vram_bytes(self.device):
                 return run(True)
         try:
             return run(False)
